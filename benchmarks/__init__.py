@@ -1,0 +1,1 @@
+"""Benchmarks against transformers (issue 6; nothing here yet)."""

@@ -1,0 +1,1 @@
+"""The runtime: what ships to the device (numpy, pillow, tokenizers, onnxruntime)."""

@@ -1,0 +1,1 @@
+"""Runtime backends, chosen by name and imported lazily."""

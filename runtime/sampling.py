@@ -1,0 +1,65 @@
+"""Choosing the next token from logits: greedy, temperature, top-k, top-p (pure numpy)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Decoding options. temperature 0 is greedy; top_k 0 and top_p 1 disable those filters."""
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if not self.temperature >= 0:
+            raise InputError(f"temperature must be >= 0, got {self.temperature}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise InputError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def filtered_probabilities(logits: np.ndarray, options: GenerationOptions) -> np.ndarray:
+    """Row-wise probabilities after temperature, top-k and top-p; [batch, vocab] float64."""
+    scaled = logits.astype(np.float64) / options.temperature
+    if options.top_k and options.top_k < scaled.shape[-1]:
+        kth = np.partition(scaled, -options.top_k, axis=-1)[:, -options.top_k][:, None]
+        scaled = np.where(scaled < kth, -np.inf, scaled)
+    probs = np.exp(scaled - scaled.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    if options.top_p < 1.0:
+        order = np.argsort(-probs, axis=-1, kind="stable")
+        sorted_probs = np.take_along_axis(probs, order, axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
+        keep_sorted = (np.cumsum(sorted_probs, axis=-1) - sorted_probs) < options.top_p
+        keep = np.zeros_like(keep_sorted)
+        np.put_along_axis(keep, order, keep_sorted, axis=-1)
+        probs = np.where(keep, probs, 0.0)
+        probs /= probs.sum(axis=-1, keepdims=True)
+    return probs
+
+
+def next_tokens(logits: np.ndarray, options: GenerationOptions, rng: np.random.Generator) -> np.ndarray:
+    """logits [batch, vocab] -> token ids [batch]."""
+    if options.greedy:
+        return np.argmax(logits, axis=-1).astype(np.int64)
+    probs = filtered_probabilities(logits, options)
+    cumulative = np.cumsum(probs, axis=-1)
+    draws = rng.random((probs.shape[0], 1)) * cumulative[:, -1:]
+    # First token whose cumulative mass passes the draw; zero-probability tokens never do.
+    return np.argmax(cumulative > draws, axis=-1).astype(np.int64)
