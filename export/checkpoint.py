@@ -116,7 +116,7 @@ def load_checkpoint(model_ref: str) -> Checkpoint:
     try:
         processor = AutoProcessor.from_pretrained(model_ref)
         model = PaliGemmaForConditionalGeneration.from_pretrained(model_ref, dtype=torch.float32)
-    except OSError as exc:
+    except Exception as exc:  # noqa: BLE001 - loaders raise OSError, ValueError, SafetensorError, ...
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"{model_ref}: cannot load checkpoint ({first_line})") from None
     model.eval()

@@ -1,0 +1,109 @@
+"""Shared fixtures: tiny random PaliGemma checkpoints and the bundles the CLI exports from them.
+
+Checkpoints are built from configs with a locally built tokenizer and saved with
+save_pretrained, then exported through ``python -m paligemma_edge export`` exactly as a
+user runs it. Everything is session-scoped: each model is built and exported once.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+# (family, image size): both families at two image sizes (4 and 9 image tokens).
+MODELS = [(1, 28), (2, 28), (1, 42), (2, 42)]
+MAX_SEQ_LEN = 64
+
+
+def run_cli(*args: str, env: dict | None = None, check: bool = False) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "paligemma_edge", *args], capture_output=True, text=True, env=env, timeout=600
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"paligemma-edge {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+    return result
+
+
+def model_id(model: tuple[int, int]) -> str:
+    return f"pg{model[0]}-{model[1]}px"
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def checkpoints(workdir) -> dict[tuple[int, int], Path]:
+    from paligemma_edge.export.tiny import TinySpec, build_checkpoint
+
+    return {
+        model: build_checkpoint(workdir / f"{model_id(model)}-checkpoint", TinySpec(family=model[0], image_size=model[1]))
+        for model in MODELS
+    }
+
+
+@pytest.fixture(scope="session")
+def bundles(checkpoints, workdir) -> dict[tuple[int, int], Path]:
+    out = {}
+    for model, checkpoint in checkpoints.items():
+        bundle = workdir / f"{model_id(model)}-bundle"
+        run_cli("export", str(checkpoint), "--output", str(bundle), "--max-seq-len", str(MAX_SEQ_LEN), check=True)
+        out[model] = bundle
+    return out
+
+
+@pytest.fixture(scope="session")
+def images(workdir) -> list[Path]:
+    """Three test pictures of different sizes and modes."""
+    rng = np.random.default_rng(7)
+    paths = []
+    for index, (shape, mode) in enumerate([((40, 50, 3), "RGB"), ((64, 31, 3), "RGB"), ((33, 33, 4), "RGBA")]):
+        path = workdir / f"image{index}.png"
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(path)
+        paths.append(path)
+    return paths
+
+
+class Reference:
+    """transformers' processor and PaliGemmaForConditionalGeneration for one checkpoint."""
+
+    def __init__(self, checkpoint: Path):
+        import torch
+        from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
+
+        self.torch = torch
+        self.processor = AutoProcessor.from_pretrained(checkpoint)
+        self.model = PaliGemmaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+
+    def inputs(self, images: list, prompts: list[str]):
+        pil = [Image.open(p) if isinstance(p, Path) else p for p in images]
+        inputs = self.processor(
+            images=pil, text=[f"<image>{p}" for p in prompts], return_tensors="pt", padding="longest"
+        )
+        inputs.pop("labels", None)
+        return inputs
+
+    def generate(self, images: list, prompts: list[str], max_new_tokens: int, eos: list[int] | None = None):
+        """Greedy generated ids per prompt, cut after the first eos (which is kept)."""
+        inputs = self.inputs(images, prompts)
+        kwargs = {"eos_token_id": eos} if eos is not None else {}
+        with self.torch.no_grad():
+            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
+        configured = self.model.generation_config.eos_token_id
+        eos_ids = set(eos if eos is not None else configured if isinstance(configured, list) else [configured])
+        rows = []
+        for row in out[:, inputs["input_ids"].shape[1]:].tolist():
+            cut = next((i for i, t in enumerate(row) if t in eos_ids), None)
+            rows.append(row if cut is None else row[: cut + 1])
+        return rows
+
+
+@pytest.fixture(scope="session")
+def references(checkpoints) -> dict[tuple[int, int], Reference]:
+    return {model: Reference(path) for model, path in checkpoints.items()}

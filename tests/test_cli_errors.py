@@ -1,0 +1,134 @@
+"""Bad input: one line on stderr, exit status 2, no traceback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from paligemma_edge.runtime.manifest import MANIFEST_NAME
+
+from .conftest import run_cli
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("paligemma-edge: error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture()
+def bundle_copy(bundles, tmp_path):
+    target = tmp_path / "bundle"
+    shutil.copytree(bundles[(2, 28)], target)
+    return target
+
+
+def test_missing_model_directory(tmp_path):
+    assert_one_line_error_export(run_cli("export", str(tmp_path / "nope"), "-o", str(tmp_path / "b")),
+                                 "no such checkpoint directory")
+
+
+def assert_one_line_error_export(result, fragment: str) -> None:
+    """Export prints progress lines first; the last line is the error."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("paligemma-edge: error: ")
+    assert fragment in result.stderr.strip().splitlines()[-1]
+
+
+def test_non_paligemma_model_directory(tmp_path):
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert_one_line_error_export(run_cli("export", str(llama), "-o", str(tmp_path / "b")), "not PaliGemma")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_one_line_error_export(run_cli("export", str(empty), "-o", str(tmp_path / "b")), "no config.json")
+    assert not (tmp_path / "b").exists()
+
+
+def test_paligemma_dir_with_broken_weights(checkpoints, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoints[(1, 28)], broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    result = run_cli("export", str(broken), "-o", str(tmp_path / "b"))
+    assert_one_line_error_export(result, "cannot load checkpoint")
+
+
+def test_bundle_missing_a_file(bundle_copy, images):
+    (bundle_copy / "decoder.onnx").unlink()
+    result = run_cli("run", str(bundle_copy), "--image", str(images[0]), "--prompt", "caption en")
+    assert_one_line_error(result, "missing 'decoder.onnx'")
+
+
+def test_not_a_bundle(tmp_path, images):
+    result = run_cli("run", str(tmp_path), "--image", str(images[0]), "--prompt", "caption en")
+    assert_one_line_error(result, "not a bundle")
+
+
+def test_checksum_mismatch(bundle_copy, images):
+    path = bundle_copy / "embedding.npy"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    result = run_cli("run", str(bundle_copy), "--image", str(images[0]), "--prompt", "caption en")
+    assert_one_line_error(result, "checksum mismatch", "embedding.npy")
+
+
+def test_truncated_graph(bundle_copy, images):
+    path = bundle_copy / "decoder.onnx"
+    path.write_bytes(path.read_bytes()[:5000])
+    result = run_cli("run", str(bundle_copy), "--image", str(images[0]), "--prompt", "caption en")
+    assert_one_line_error(result, "checksum mismatch", "decoder.onnx")
+    # Without the checksum check, ONNX Runtime's own refusal is reported just as cleanly.
+    result = run_cli("run", str(bundle_copy), "--image", str(images[0]), "--prompt", "caption en", "--no-verify")
+    assert_one_line_error(result, "ONNX Runtime cannot load the graph", "decoder.onnx")
+
+
+def test_corrupt_manifest(bundle_copy, images):
+    (bundle_copy / MANIFEST_NAME).write_text("{not json")
+    result = run_cli("run", str(bundle_copy), "--image", str(images[0]), "--prompt", "caption en")
+    assert_one_line_error(result, "unreadable manifest")
+
+
+@pytest.mark.parametrize("kind", ["missing", "text", "directory", "truncated"])
+def test_bad_image(kind, bundles, images, tmp_path):
+    path = tmp_path / "picture.png"
+    if kind == "text":
+        path.write_text("hello, not an image")
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "truncated":
+        path.write_bytes(images[0].read_bytes()[:60])
+    result = run_cli("run", str(bundles[(1, 28)]), "--image", str(path), "--prompt", "caption en")
+    assert_one_line_error(result, str(path))
+
+
+def test_prompt_longer_than_the_bundles_max_sequence(bundles, images):
+    result = run_cli("run", str(bundles[(1, 28)]), "--image", str(images[0]), "--prompt", "word " * 80)
+    assert_one_line_error(result, "max sequence is 64", "--max-seq-len")
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "many"])
+def test_max_new_tokens_below_one(value, bundles, images):
+    result = run_cli("run", str(bundles[(1, 28)]), "--image", str(images[0]), "--prompt", "x",
+                     "--max-new-tokens", value)
+    assert_one_line_error(result, "--max-new-tokens")
+
+
+def test_bad_sampling_options_and_backend(bundles, images):
+    base = ["run", str(bundles[(1, 28)]), "--image", str(images[0]), "--prompt", "x"]
+    assert_one_line_error(run_cli(*base, "--top-p", "0"), "top_p")
+    assert_one_line_error(run_cli(*base, "--temperature", "-1"), "temperature")
+    assert_one_line_error(run_cli(*base, "--backend", "vulkan"), "unknown backend 'vulkan'")
+
+
+def test_usage_errors():
+    assert_one_line_error(run_cli(), "required")
+    assert_one_line_error(run_cli("run"), "required")
+    assert_one_line_error(run_cli("frobnicate"), "invalid choice")

@@ -1,0 +1,79 @@
+"""Export writes a bundle atomically: failed, refused or interrupted exports leave nothing that loads."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+import pytest
+
+import paligemma_edge
+from paligemma_edge import GenerationOptions
+from paligemma_edge.export import onnx_graphs
+from paligemma_edge.export.bundle import ExportOptions, export_bundle
+from paligemma_edge.runtime.manifest import read_manifest
+
+from .conftest import run_cli
+
+
+def leftovers(directory):
+    return [p.name for p in directory.iterdir() if ".partial-" in p.name or ".old-" in p.name]
+
+
+def test_validation_failure_leaves_no_bundle(checkpoints, tmp_path):
+    output = tmp_path / "bundle"
+    result = run_cli("export", str(checkpoints[(1, 28)]), "-o", str(output), "--tolerance", "1e-12")
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("paligemma-edge: error: ONNX Runtime logits differ from PyTorch by") and "Traceback" not in result.stderr
+    assert not output.exists() and leftovers(tmp_path) == []
+
+
+def test_interrupted_export_leaves_no_bundle(checkpoints, tmp_path):
+    output = tmp_path / "bundle"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "paligemma_edge", "export", str(checkpoints[(2, 28)]), "-o", str(output)],
+        stderr=subprocess.PIPE, text=True,
+    )
+    for line in process.stderr:
+        if "exporting decoder graph" in line:
+            process.send_signal(signal.SIGINT)
+            break
+    rest = process.stderr.read()
+    assert process.wait(timeout=120) == 130, rest
+    assert "interrupted" in rest
+    assert not output.exists() and leftovers(tmp_path) == []
+
+
+def test_existing_output_needs_force(bundles, checkpoints, tmp_path):
+    output = tmp_path / "bundle"
+    output.mkdir()
+    (output / "notes.txt").write_text("mine")
+    refused = run_cli("export", str(checkpoints[(1, 28)]), "-o", str(output), "--force")
+    assert refused.returncode == 2 and "is not a bundle" in refused.stderr
+    (output / "notes.txt").unlink()
+    assert run_cli("export", str(checkpoints[(1, 28)]), "-o", str(output)).returncode == 2
+    run_cli("export", str(checkpoints[(1, 28)]), "-o", str(output), "--force", "--max-seq-len", "40", check=True)
+    assert read_manifest(output).decoder.max_seq_len == 40 and leftovers(tmp_path) == []
+
+
+def test_large_graphs_use_external_data(checkpoints, bundles, images, tmp_path, monkeypatch):
+    """Graphs over the protobuf limit go to external data; the tiny model exercises it with a 0 threshold."""
+    monkeypatch.setattr(onnx_graphs, "EXTERNAL_DATA_THRESHOLD", 0)
+    output = tmp_path / "external"
+    manifest = export_bundle(str(checkpoints[(2, 28)]), output, ExportOptions(max_seq_len=64))
+    for graph in (manifest.vision_graph, manifest.decoder_graph):
+        assert graph.external_data == (f"{graph.file}.data",)
+        assert graph.external_data[0] in manifest.files and (output / graph.external_data[0]).is_file()
+    options = GenerationOptions(max_new_tokens=8)
+    with paligemma_edge.load(output) as external, paligemma_edge.load(bundles[(2, 28)]) as inline:
+        assert external.generate(images[0], "caption en", options).token_ids == \
+            inline.generate(images[0], "caption en", options).token_ids
+
+
+@pytest.mark.parametrize("value", ["0", "5"])
+def test_max_seq_len_must_leave_room_for_text(checkpoints, tmp_path, value):
+    result = run_cli("export", str(checkpoints[(1, 28)]), "-o", str(tmp_path / "b"), "--max-seq-len", value)
+    assert result.returncode == 2 and "--max-seq-len" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "b").exists()
