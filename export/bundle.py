@@ -86,7 +86,7 @@ def export_bundle(model: str, output: str | Path, options: ExportOptions = Expor
     max_seq_len = options.max_seq_len or image_tokens + DEFAULT_TEXT_TOKENS
     if max_seq_len <= image_tokens + 2:
         raise InputError(f"--max-seq-len must exceed the {image_tokens} image tokens plus <bos> and a token of text")
-    spec = decoder_spec(checkpoint.model, checkpoint.family, max_seq_len)
+    spec = decoder_spec(checkpoint.model, max_seq_len)
 
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     try:

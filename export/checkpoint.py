@@ -85,12 +85,11 @@ def read_image_spec(model, processor) -> ImageSpec:
     )
 
 
-def decoder_spec(model, family: int, max_seq_len: int) -> DecoderSpec:
+def decoder_spec(model, max_seq_len: int) -> DecoderSpec:
     config = model.config.text_config
     layer_types = getattr(config, "layer_types", None) or [FULL] * config.num_hidden_layers
     sliding_window = getattr(config, "sliding_window", None) if SLIDING in layer_types else None
     return DecoderSpec(
-        family=family,
         hidden_size=config.hidden_size,
         num_layers=config.num_hidden_layers,
         num_heads=config.num_attention_heads,

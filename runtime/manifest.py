@@ -59,7 +59,6 @@ class ImageSpec:
 class DecoderSpec:
     """Sizes of the Gemma / Gemma 2 decoder and the attention pattern of each layer."""
 
-    family: int
     hidden_size: int
     num_layers: int
     num_heads: int
