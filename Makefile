@@ -1,6 +1,7 @@
 # paligemma-edge: `make demo` installs everything and runs the whole pipeline on a tiny
 # model built locally; `make test` runs the test suite (what CI runs).
 PYTHON ?= python3
+export PIP_ROOT_USER_ACTION := ignore
 PIP := $(PYTHON) -m pip
 DEMO := build/demo
 # torch is pinned to the CPU wheel this project is tested with (an open range pulls a CUDA build).

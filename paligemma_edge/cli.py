@@ -55,8 +55,10 @@ def _cmd_run(args) -> int:
         top_p=args.top_p, seed=args.seed,
     )
     prompts = args.prompt
+    if args.stream and (args.json or len(prompts) > 1 or len(args.image) > 1):
+        raise InputError("--stream prints one prompt's tokens as they come: use it with one --image and one --prompt, without --json")
     with load(args.bundle, backend=args.backend, verify=not args.no_verify, threads=args.threads) as model:
-        if args.stream and not args.json and len(prompts) == 1 and len(args.image) == 1:
+        if args.stream:
             for chunk in model.stream(args.image[0], prompts[0], options):
                 print(chunk.text, end="", flush=True)
             print()

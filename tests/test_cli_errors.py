@@ -126,6 +126,8 @@ def test_bad_sampling_options_and_backend(bundles, images):
     assert_one_line_error(run_cli(*base, "--top-p", "0"), "top_p")
     assert_one_line_error(run_cli(*base, "--temperature", "-1"), "temperature")
     assert_one_line_error(run_cli(*base, "--backend", "vulkan"), "unknown backend 'vulkan'")
+    assert_one_line_error(run_cli(*base, "--stream", "--json"), "--stream")
+    assert_one_line_error(run_cli(*base, "--stream", "--prompt", "y"), "--stream")
 
 
 def test_usage_errors():

@@ -163,3 +163,8 @@ def test_decode_step_feeds_ort_values_back_without_copies(bundles):
         decode_step(backend, runtime.manifest.decoder, state, np.array([5]))
         assert fed[0] == before
         assert backend._embedding_value.data_ptr() == backend.embedding.ctypes.data
+
+
+def test_cli_stream_prints_the_same_text(bundles, images):
+    args = ["run", str(bundles[(2, 42)]), "--image", str(images[0]), "--prompt", PROMPTS[0]]
+    assert run_cli(*args, "--stream", check=True).stdout == run_cli(*args, check=True).stdout
