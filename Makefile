@@ -18,9 +18,12 @@ install-runtime:  # what a device needs: numpy, pillow, tokenizers, onnxruntime
 
 demo: install
 	$(PYTHON) -m paligemma_edge.export.tiny $(DEMO)/checkpoint --family 2
-	$(PYTHON) -m paligemma_edge export $(DEMO)/checkpoint --output $(DEMO)/bundle --force
+	$(PYTHON) -m paligemma_edge export $(DEMO)/checkpoint --output $(DEMO)/bundle --force \
+		--mask-decoder $(DEMO)/checkpoint/vae-oid.npz
 	$(PYTHON) -m paligemma_edge run $(DEMO)/bundle --image $(DEMO)/checkpoint/sample.png \
 		--prompt "caption en" --prompt "answer en how many shapes are there" --max-new-tokens 12 --json
+	$(PYTHON) -m paligemma_edge run $(DEMO)/bundle --image $(DEMO)/checkpoint/sample.png \
+		--task detect --objects "circle ; square" --draw $(DEMO)/detections.png
 
 test: install
 	$(PYTHON) -m pytest -q

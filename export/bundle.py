@@ -19,7 +19,8 @@ from typing import Callable
 import numpy as np
 
 from ..runtime.errors import InputError
-from ..runtime.manifest import MANIFEST_NAME, EmbeddingSpec, Manifest, sha256_file
+from ..runtime.manifest import MANIFEST_NAME, EmbeddingSpec, Manifest, MaskDecoderSpec, sha256_file
+from ..runtime.mask_decoder import MaskDecoder
 from .checkpoint import decoder_spec, load_checkpoint
 
 Progress = Callable[[str], None]
@@ -33,6 +34,7 @@ class ExportOptions:
     max_seq_len: int | None = None  # default: image tokens + DEFAULT_TEXT_TOKENS
     tolerance: float = DEFAULT_TOLERANCE  # max |delta logit| ONNX Runtime vs PyTorch
     overwrite: bool = False
+    mask_decoder: Path | None = None  # a vae-oid.npz, carried into the bundle for segmentation
 
 
 def _versions() -> dict[str, str]:
@@ -75,6 +77,7 @@ def export_bundle(model: str, output: str | Path, options: ExportOptions = Expor
 
     output = Path(output).absolute()
     _check_output(output, options.overwrite)
+    mask_decoder = MaskDecoder.from_npz(options.mask_decoder) if options.mask_decoder else None
     started = time.perf_counter()
 
     def step(message: str) -> None:
@@ -98,13 +101,17 @@ def export_bundle(model: str, output: str | Path, options: ExportOptions = Expor
         weight = checkpoint.model.model.language_model.embed_tokens.weight.detach().float().numpy()
         np.save(staging / "embedding.npy", weight)
         checkpoint.processor.tokenizer.backend_tokenizer.save(str(staging / "tokenizer.json"))
+        mask_spec = None
+        if mask_decoder is not None:
+            shutil.copyfile(options.mask_decoder, staging / "mask_decoder.npz")
+            mask_spec = MaskDecoderSpec(file="mask_decoder.npz", codebook_dim=mask_decoder.codebook_dim)
 
         manifest = Manifest(
             model_name=Path(model).name or model, family=checkpoint.family, precision="fp32",
             image=checkpoint.image, tokens=checkpoint.tokens, decoder=spec,
             vision_graph=vision, decoder_graph=decoder,
             embedding=EmbeddingSpec(file="embedding.npy", dtype="float32", shape=tuple(weight.shape)),
-            tokenizer="tokenizer.json", files={}, versions=_versions(),
+            tokenizer="tokenizer.json", files={}, versions=_versions(), mask_decoder=mask_spec,
         )
         manifest = _write_manifest(staging, manifest)
         step("validating: ONNX Runtime against PyTorch")

@@ -142,6 +142,22 @@ def build_checkpoint(output_dir: str | Path, spec: TinySpec = TinySpec()) -> Pat
     return output_dir
 
 
+def build_mask_decoder_npz(path: str | Path, codebook_dim: int = 16, seed: int = 0) -> Path:
+    """Random weights in the vae-oid.npz layout (real key names and shapes; codebook width is free)."""
+    import numpy as np
+
+    from ..runtime.mask_decoder import required_shapes
+
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for name, shape in required_shapes(codebook_dim).items():
+        fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+        arrays[name] = (rng.standard_normal(shape) / np.sqrt(max(fan_in, 1))).astype(np.float32)
+    path = Path(path)
+    np.savez(path, **arrays)
+    return path
+
+
 def draw_scene(path: str | Path, size: tuple[int, int] = (320, 240)) -> Path:
     """A deterministic sample picture (a few coloured shapes) for demos and tests."""
     from PIL import Image, ImageDraw
@@ -165,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     path = build_checkpoint(args.output, TinySpec(family=args.family, image_size=args.image_size, seed=args.seed))
     draw_scene(path / "sample.png")
-    print(f"wrote tiny PaliGemma {args.family} checkpoint (random weights) and sample.png to {path}")
+    build_mask_decoder_npz(path / "vae-oid.npz")
+    print(f"wrote tiny PaliGemma {args.family} checkpoint (random weights), vae-oid.npz and sample.png to {path}")
     return 0
 
 

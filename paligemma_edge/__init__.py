@@ -9,10 +9,15 @@ export needs the ``export`` extra and is imported on use.
 """
 
 from .runtime.errors import BundleError, InputError, PaliGemmaEdgeError
-from .runtime.model import Generation, PaliGemma, Timings, TokenChunk, load
+from .runtime.mask_decoder import MaskDecoder
+from .runtime.model import PaliGemma, load
+from .runtime.parsing import Detection, Segmentation, parse_detections, parse_segmentations
+from .runtime.results import DetectionResult, Generation, SegmentationResult, Timings, TokenChunk
 from .runtime.sampling import GenerationOptions
+from .runtime.tasks import LANGUAGES, build_prompt
 
 __all__ = [
-    "BundleError", "Generation", "GenerationOptions", "InputError", "PaliGemma", "PaliGemmaEdgeError",
-    "Timings", "TokenChunk", "load",
+    "BundleError", "Detection", "DetectionResult", "Generation", "GenerationOptions", "InputError", "LANGUAGES",
+    "MaskDecoder", "PaliGemma", "PaliGemmaEdgeError", "Segmentation", "SegmentationResult", "Timings",
+    "TokenChunk", "build_prompt", "load", "parse_detections", "parse_segmentations",
 ]

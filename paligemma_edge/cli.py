@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from .runtime.errors import InputError, PaliGemmaEdgeError
+from .runtime.tasks import TASKS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,34 +43,89 @@ def _cmd_export(args) -> int:
         raise InputError(
             f"export needs the 'export' extra ({exc.name} is missing): pip install 'paligemma-edge[export]'"
         ) from None
-    options = ExportOptions(max_seq_len=args.max_seq_len, tolerance=args.tolerance, overwrite=args.force)
+    options = ExportOptions(
+        max_seq_len=args.max_seq_len, tolerance=args.tolerance, overwrite=args.force,
+        mask_decoder=Path(args.mask_decoder) if args.mask_decoder else None,
+    )
     export_bundle(args.model, args.output, options, progress=_progress)
     return 0
 
 
+def _prompts(args) -> list[str]:
+    from .runtime.tasks import build_prompt
+
+    prompts = list(args.prompt or [])
+    if args.task:
+        prompts.insert(0, build_prompt(args.task, lang=args.lang, question=args.question, objects=args.objects))
+    elif args.question or args.objects:
+        raise InputError("--question and --objects go with --task (answer, detect or segment)")
+    if not prompts:
+        raise InputError("give a --task or at least one --prompt")
+    return prompts
+
+
+def _describe_objects(objects) -> list[str]:
+    lines = []
+    for item in objects:
+        box = ", ".join(f"{v:.1f}" for v in item.box)
+        extra = f"  mask: {int(item.mask.sum())} px" if hasattr(item, "mask") else ""
+        lines.append(f"  {item.label}: [{box}]{extra}")
+    return lines
+
+
 def _cmd_run(args) -> int:
     from .runtime.model import load
+    from .runtime.preprocess import load_image
     from .runtime.sampling import GenerationOptions
 
     options = GenerationOptions(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, seed=args.seed,
     )
-    prompts = args.prompt
-    if args.stream and (args.json or len(prompts) > 1 or len(args.image) > 1):
-        raise InputError("--stream prints one prompt's tokens as they come: use it with one --image and one --prompt, without --json")
+    prompts = _prompts(args)
+    if args.draw and len(args.image) != 1:
+        raise InputError("--draw needs exactly one --image")
+    pictures = [load_image(path) for path in args.image]
+    found = []
     with load(args.bundle, backend=args.backend, verify=not args.no_verify, threads=args.threads) as model:
-        if args.stream:
-            for chunk in model.stream(args.image[0], prompts[0], options):
+        if not args.json and len(prompts) == 1 and len(pictures) == 1:
+            # One answer in a terminal: print it as it is generated.
+            picture = pictures[0]
+            model.check_can_parse(prompts)
+            text = ""
+            for chunk in model.stream_tokens(picture, prompts[0], options):
                 print(chunk.text, end="", flush=True)
+                text += chunk.text
             print()
-            return 0
-        for result in model.generate_batch(args.image, prompts, options):
-            if args.json:
-                print(json.dumps(result.to_dict()), flush=True)
-            else:
-                print(result.text if len(prompts) == 1 else f"{result.prompt}: {result.text}", flush=True)
+            objects = model.parse_answer(prompts[0], text, *picture.size) or []
+            print("\n".join(_describe_objects(objects)), end="\n" if objects else "")
+            found += objects
+        else:
+            model.check_can_parse(prompts)
+            for index, result in enumerate(model.generate_batch(pictures, prompts, options)):
+                picture = pictures[0 if len(pictures) == 1 else index]
+                structured = model.structure(result, *picture.size)
+                objects = list(getattr(structured, "detections", None) or getattr(structured, "segmentations", ()))
+                found += objects
+                if args.json:
+                    print(json.dumps(structured.to_dict()), flush=True)
+                else:
+                    print(f"{result.prompt}: {result.text}", flush=True)
+                    for line in _describe_objects(objects):
+                        print(line)
+    if args.draw:
+        _draw(pictures[0], found, args.draw)
     return 0
+
+
+def _draw(picture, objects, path: str) -> None:
+    from .runtime.drawing import draw_results
+
+    try:
+        draw_results(picture, objects).save(path)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: cannot write the drawing ({exc})") from None
+    print(f"drew {len(objects)} object(s) on {path}", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,14 +140,20 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--tolerance", type=float, default=1e-3,
                         help="max |delta logit| between ONNX Runtime and PyTorch (default 1e-3)")
     export.add_argument("--force", action="store_true", help="replace an existing bundle at --output")
+    export.add_argument("--mask-decoder", metavar="vae-oid.npz",
+                        help="big_vision's VQ-VAE mask decoder weights, carried into the bundle for segment")
     export.set_defaults(handler=_cmd_export)
 
     run = commands.add_parser("run", help="generate text for an image and prompt(s) from a bundle")
     run.add_argument("bundle", help="bundle directory")
     run.add_argument("--image", action="append", required=True,
                      help="image file; repeat to pair images one-to-one with prompts")
-    run.add_argument("--prompt", action="append", required=True,
-                     help="prompt text, e.g. 'caption en'; repeat to run a batch")
+    run.add_argument("--task", choices=sorted(TASKS), help="a PaliGemma task prefix (see --lang, --question, --objects)")
+    run.add_argument("--lang", default="en", help="answer language for caption, describe and answer (default en)")
+    run.add_argument("--question", help="the question, for --task answer")
+    run.add_argument("--objects", help="object names for detect/segment, separated by ';' (e.g. 'cat ; dog')")
+    run.add_argument("--prompt", action="append",
+                     help="free prompt text, e.g. 'caption en'; repeat to run a batch")
     run.add_argument("--max-new-tokens", type=_positive_int, default=32)
     run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     run.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
@@ -99,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--backend", default="onnxruntime", help="runtime backend (default onnxruntime)")
     run.add_argument("--threads", type=_positive_int, help="CPU threads for the backend")
     run.add_argument("--json", action="store_true", help="one JSON object per prompt, one per line")
-    run.add_argument("--stream", action="store_true", help="print tokens as they come (single prompt)")
+    run.add_argument("--draw", metavar="OUT.png", help="write the image with boxes, labels and masks drawn on it")
     run.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle's files")
     run.set_defaults(handler=_cmd_run)
     return parser

@@ -109,6 +109,14 @@ class EmbeddingSpec:
 
 
 @dataclass(frozen=True)
+class MaskDecoderSpec:
+    """The optional VQ-VAE mask decoder (vae-oid.npz layout) for segmentation answers."""
+
+    file: str
+    codebook_dim: int
+
+
+@dataclass(frozen=True)
 class Manifest:
     model_name: str
     family: int
@@ -123,6 +131,7 @@ class Manifest:
     files: dict[str, str]
     versions: dict[str, str] = field(default_factory=dict)
     validation: dict[str, Any] = field(default_factory=dict)
+    mask_decoder: MaskDecoderSpec | None = None
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> str:
@@ -152,11 +161,16 @@ def _build(cls, data: Any, where: str):
 _NESTED = {
     "ImageSpec": ImageSpec, "TokenIds": TokenIds, "DecoderSpec": DecoderSpec,
     "GraphSpec": GraphSpec, "EmbeddingSpec": EmbeddingSpec, "TensorSpec": TensorSpec,
+    "MaskDecoderSpec": MaskDecoderSpec,
 }
 
 
 def _convert(type_name: Any, value: Any, where: str):
     name = type_name if isinstance(type_name, str) else getattr(type_name, "__name__", "")
+    if name.endswith(" | None"):
+        if value is None:
+            return None
+        name = name[: -len(" | None")]
     if name in _NESTED:
         return _build(_NESTED[name], value, where)
     if name.startswith("tuple[TensorSpec"):

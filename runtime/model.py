@@ -3,63 +3,39 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Sequence, Union
 
 import numpy as np
+from PIL import Image
 
 from .backends.base import create_backend
 from .errors import BundleError, InputError
+from .feature_cache import FeatureCache
 from .generate import generate_steps
 from .manifest import Manifest, read_manifest, verify_files
+from .mask_decoder import MaskDecoder
+from .parsing import parse_detections, parse_segmentations
 from .preprocess import ImageInput, load_image, preprocess
 from .prompt import PromptTokenizer
+from .results import DetectionResult, Generation, SegmentationResult, Timings, TokenChunk
 from .sampling import GenerationOptions
+from .tasks import build_prompt, result_kind
 
-
-@dataclass(frozen=True)
-class Timings:
-    vision_ms: float
-    prefill_ms: float
-    decode_ms: float
-    decode_tokens_per_s: float
-
-    @property
-    def time_to_first_token_ms(self) -> float:
-        return self.vision_ms + self.prefill_ms
-
-
-@dataclass(frozen=True)
-class Generation:
-    """One prompt's answer. ``token_ids`` are the generated ids, without prompt and eos."""
-
-    prompt: str
-    text: str
-    token_ids: tuple[int, ...]
-    finish_reason: str  # "eos", "length" (max_new_tokens) or "max_seq_len" (bundle limit)
-    timings: Timings
-
-    def to_dict(self) -> dict:
-        return asdict(self) | {"token_ids": list(self.token_ids)}
-
-
-@dataclass(frozen=True)
-class TokenChunk:
-    """A streamed token and the text it completes (empty while a character is incomplete)."""
-
-    token_id: int
-    text: str
+TaskResult = Union[Generation, DetectionResult, SegmentationResult]
 
 
 class PaliGemma:
     """A bundle loaded on a backend. Use :func:`load` to create one."""
 
-    def __init__(self, bundle_dir: Path, manifest: Manifest, backend, tokenizer: PromptTokenizer):
+    def __init__(self, bundle_dir: Path, manifest: Manifest, backend, tokenizer: PromptTokenizer,
+                 feature_cache: FeatureCache | None = None):
         self.bundle_dir = bundle_dir
         self.manifest = manifest
         self.backend = backend
         self.tokenizer = tokenizer
+        self.feature_cache = feature_cache if feature_cache is not None else FeatureCache()
+        self._mask_decoder: MaskDecoder | None = None
 
     def __enter__(self) -> "PaliGemma":
         return self
@@ -73,7 +49,7 @@ class PaliGemma:
     def encode_images(self, images: Sequence[ImageInput]) -> np.ndarray:
         """Images -> image embeddings [batch, tokens, hidden] via the vision graph."""
         pixels = preprocess([load_image(i) for i in images], self.manifest.image)
-        return self.backend.encode_images(pixels)
+        return self.feature_cache.encode(pixels, self.backend.encode_images)
 
     def _pair(self, images: Sequence[ImageInput], prompts: Sequence[str]) -> list[int]:
         if not prompts:
@@ -133,11 +109,9 @@ class PaliGemma:
             for prompt, ids, reason in zip(prompts, generated, reasons)
         ]
 
-    def generate(self, image: ImageInput, prompt: str, options: GenerationOptions | None = None) -> Generation:
-        return self.generate_batch([image], [prompt], options)[0]
-
-    def stream(self, image: ImageInput, prompt: str, options: GenerationOptions | None = None) -> Iterator[TokenChunk]:
-        """Yield tokens as they are generated (eos excluded), each with its new text."""
+    def stream_tokens(self, image: ImageInput, prompt: str, options: GenerationOptions | None = None
+                      ) -> Iterator[TokenChunk]:
+        """Yield tokens as they are generated (eos excluded), each with the text it completes."""
         _, _, steps = self._steps([image], [prompt], options or GenerationOptions())
         ids: list[int] = []
         emitted = ""
@@ -151,6 +125,76 @@ class PaliGemma:
                 continue
             yield TokenChunk(ids[-1], text[len(emitted):])
             emitted = text
+
+    # -- tasks -------------------------------------------------------------------------------
+
+    def mask_decoder(self) -> MaskDecoder:
+        """The bundle's mask decoder, loaded on first use."""
+        if self.manifest.mask_decoder is None:
+            raise InputError(
+                "this bundle has no mask decoder, so it cannot segment: re-export with --mask-decoder vae-oid.npz"
+            )
+        if self._mask_decoder is None:
+            self._mask_decoder = MaskDecoder.from_npz(self.bundle_dir / self.manifest.mask_decoder.file)
+        return self._mask_decoder
+
+    def check_can_parse(self, prompts: Sequence[str]) -> None:
+        """Fail before generating when a segment answer could not be decoded (no mask decoder)."""
+        if any(result_kind(p) == "segmentations" for p in prompts):
+            self.mask_decoder()
+
+    def parse_answer(self, prompt: str, text: str, width: int, height: int) -> list | None:
+        """Detections or segmentations in a detect/segment answer for a width x height image; None for text tasks."""
+        kind = result_kind(prompt)
+        if kind == "detections":
+            return parse_detections(text, width, height)
+        if kind == "segmentations":
+            return parse_segmentations(text, width, height, self.mask_decoder())
+        return None
+
+    def structure(self, generation: Generation, width: int, height: int) -> TaskResult:
+        """Wrap a detect/segment answer with its parsed objects; other answers pass through."""
+        found = self.parse_answer(generation.prompt, generation.text, width, height)
+        if found is None:
+            return generation
+        wrapper = SegmentationResult if result_kind(generation.prompt) == "segmentations" else DetectionResult
+        return wrapper(generation, tuple(found))
+
+    def generate(self, image: ImageInput, prompt: str, options: GenerationOptions | None = None,
+                 stream: bool = False) -> TaskResult | Iterator[TokenChunk]:
+        """Free text for any prompt; ``detect ...`` / ``segment ...`` prompts come back parsed.
+
+        With ``stream=True``, an iterator of :class:`TokenChunk` instead (raw text, unparsed).
+        """
+        picture = load_image(image)
+        self.check_can_parse([prompt])
+        if stream:
+            return self.stream_tokens(picture, prompt, options)
+        generation = self.generate_batch([picture], [prompt], options)[0]
+        return self.structure(generation, *picture.size)
+
+    def caption(self, image: ImageInput, lang: str = "en", options: GenerationOptions | None = None,
+                stream: bool = False):
+        return self.generate(image, build_prompt("caption", lang=lang), options, stream)
+
+    def describe(self, image: ImageInput, lang: str = "en", options: GenerationOptions | None = None,
+                 stream: bool = False):
+        return self.generate(image, build_prompt("describe", lang=lang), options, stream)
+
+    def ocr(self, image: ImageInput, options: GenerationOptions | None = None, stream: bool = False):
+        return self.generate(image, build_prompt("ocr"), options, stream)
+
+    def answer(self, image: ImageInput, question: str, lang: str = "en", options: GenerationOptions | None = None,
+               stream: bool = False):
+        return self.generate(image, build_prompt("answer", lang=lang, question=question), options, stream)
+
+    def detect(self, image: ImageInput, objects: Sequence[str], options: GenerationOptions | None = None,
+               stream: bool = False):
+        return self.generate(image, build_prompt("detect", objects=objects), options, stream)
+
+    def segment(self, image: ImageInput, objects: Sequence[str], options: GenerationOptions | None = None,
+                stream: bool = False):
+        return self.generate(image, build_prompt("segment", objects=objects), options, stream)
 
 
 def load(bundle: str | Path, backend: str = "onnxruntime", verify: bool = True, threads: int | None = None) -> PaliGemma:

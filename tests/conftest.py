@@ -107,3 +107,15 @@ class Reference:
 @pytest.fixture(scope="session")
 def references(checkpoints) -> dict[tuple[int, int], Reference]:
     return {model: Reference(path) for model, path in checkpoints.items()}
+
+
+@pytest.fixture(scope="session")
+def segment_bundle(checkpoints, workdir) -> Path:
+    """A bundle that carries a (random) vae-oid.npz mask decoder."""
+    from paligemma_edge.export.tiny import build_mask_decoder_npz
+
+    npz = build_mask_decoder_npz(workdir / "vae-oid.npz")
+    bundle = workdir / "pg1-28px-segment-bundle"
+    run_cli("export", str(checkpoints[(1, 28)]), "--output", str(bundle), "--max-seq-len", str(MAX_SEQ_LEN),
+            "--mask-decoder", str(npz), check=True)
+    return bundle

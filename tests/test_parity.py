@@ -103,7 +103,7 @@ def test_cli_pairs_images_with_prompts(bundles, images):
 def test_stream_yields_the_generated_tokens(bundles, images):
     with paligemma_edge.load(bundles[(1, 42)]) as runtime:
         options = GenerationOptions(max_new_tokens=NEW_TOKENS)
-        chunks = list(runtime.stream(images[2], PROMPTS[0], options))
+        chunks = list(runtime.generate(images[2], PROMPTS[0], options, stream=True))
         result = runtime.generate(images[2], PROMPTS[0], options)
     assert [c.token_id for c in chunks] == list(result.token_ids)
     assert "".join(c.text for c in chunks) == result.text

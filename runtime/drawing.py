@@ -1,0 +1,35 @@
+"""Boxes, labels and mask overlays drawn on the original image (pillow)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from .parsing import Detection, Segmentation
+
+PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
+MASK_ALPHA = 110
+
+
+def draw_results(image: Image.Image, objects: Sequence[Detection | Segmentation]) -> Image.Image:
+    """A copy of ``image`` (same size) with each object's mask tinted, its box outlined and labelled."""
+    base = image.convert("RGBA")
+    overlay = np.zeros((base.height, base.width, 4), dtype=np.uint8)
+    for index, item in enumerate(objects):
+        if isinstance(item, Segmentation):
+            overlay[item.mask] = (*PALETTE[index % len(PALETTE)], MASK_ALPHA)
+    canvas = Image.alpha_composite(base, Image.fromarray(overlay, "RGBA"))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    width = max(1, round(min(base.size) / 160))
+    for index, item in enumerate(objects):
+        color = PALETTE[index % len(PALETTE)]
+        x0, y0, x1, y1 = item.box
+        draw.rectangle((x0, y0, x1, y1), outline=(*color, 255), width=width)
+        left, top, right, bottom = draw.textbbox((x0, y0), item.label or "?", font=font)
+        lift = min(bottom - top + 2, y0)
+        draw.rectangle((left, top - lift, right + 2, bottom - lift), fill=(*color, 255))
+        draw.text((x0 + 1, y0 - lift), item.label or "?", fill=(255, 255, 255, 255), font=font)
+    return canvas.convert("RGB")

@@ -1,0 +1,87 @@
+"""PaliGemma's task prefixes as data: one template per task, checked arguments, exact prompt strings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from .errors import InputError
+
+# big_vision's coco35l languages, the ones PaliGemma's mix checkpoints were trained on.
+LANGUAGES = frozenset(
+    "ar bn cs da de el en es fa fi fil fr he hi hr hu id it ja ko mi nl no pl pt ro ru sv sw te th tr uk vi zh".split()
+)
+OBJECT_SEPARATOR = " ; "
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    template: str  # str.format fields: lang, question, objects
+    result: str  # "text", "detections" or "segmentations"
+
+    @property
+    def uses_lang(self) -> bool:
+        return "{lang}" in self.template
+
+    @property
+    def uses_question(self) -> bool:
+        return "{question}" in self.template
+
+    @property
+    def uses_objects(self) -> bool:
+        return "{objects}" in self.template
+
+
+TASKS = {
+    task.name: task
+    for task in (
+        Task("caption", "caption {lang}", "text"),
+        Task("describe", "describe {lang}", "text"),
+        Task("ocr", "ocr", "text"),
+        Task("answer", "answer {lang} {question}", "text"),
+        Task("detect", "detect {objects}", "detections"),
+        Task("segment", "segment {objects}", "segmentations"),
+    )
+}
+
+
+def check_lang(lang: str) -> str:
+    if lang not in LANGUAGES:
+        raise InputError(f"unknown language code '{lang}'; PaliGemma knows: {' '.join(sorted(LANGUAGES))}")
+    return lang
+
+
+def split_objects(objects: str | Sequence[str]) -> list[str]:
+    """A list of names, or one string of names separated by ';' -> cleaned names (at least one)."""
+    names = objects.split(";") if isinstance(objects, str) else list(objects)
+    cleaned = [str(n).strip() for n in names if str(n).strip()]
+    if not cleaned:
+        raise InputError("give at least one object name to detect or segment")
+    return cleaned
+
+
+def build_prompt(task_name: str, lang: str = "en", question: str | None = None,
+                 objects: str | Sequence[str] | None = None) -> str:
+    """The exact prefix string for a task, e.g. ``detect cat ; dog``."""
+    task = TASKS.get(task_name)
+    if task is None:
+        raise InputError(f"unknown task '{task_name}'; choose from: {', '.join(TASKS)}")
+    fields = {}
+    if task.uses_lang:
+        fields["lang"] = check_lang(lang)
+    if task.uses_question:
+        if not question or not question.strip():
+            raise InputError("the answer task needs a question")
+        fields["question"] = question.strip()
+    if task.uses_objects:
+        fields["objects"] = OBJECT_SEPARATOR.join(split_objects(objects or []))
+    return task.template.format(**fields)
+
+
+def result_kind(prompt: str) -> str:
+    """What a prompt's answer holds: free prompts starting with 'detect ' or 'segment ' get parsed too."""
+    for task in TASKS.values():
+        if task.result != "text" and prompt.startswith(task.template.split("{")[0]):
+            return task.result
+    return "text"
