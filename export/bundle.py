@@ -7,7 +7,7 @@ after validation passed, so an interrupted or failed export never leaves a bundl
 from __future__ import annotations
 
 import importlib.metadata
-import os
+import math
 import platform
 import shutil
 import tempfile
@@ -32,7 +32,7 @@ DEFAULT_TOLERANCE = 1e-3
 @dataclass(frozen=True)
 class ExportOptions:
     max_seq_len: int | None = None  # default: image tokens + DEFAULT_TEXT_TOKENS
-    tolerance: float = DEFAULT_TOLERANCE  # max |delta logit| ONNX Runtime vs PyTorch
+    tolerance: float = DEFAULT_TOLERANCE  # max |delta logit| ONNX Runtime vs PyTorch, relative to max |logit|
     overwrite: bool = False
     mask_decoder: Path | None = None  # a vae-oid.npz, carried into the bundle for segmentation
 
@@ -48,6 +48,8 @@ def _versions() -> dict[str, str]:
 
 
 def _check_output(output: Path, overwrite: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise InputError(f"{output}: exists and is not a directory")
     if output.exists() and not overwrite:
         raise InputError(f"{output}: already exists (use --force to replace it)")
     if output.exists() and not (output / MANIFEST_NAME).is_file() and any(output.iterdir()):
@@ -56,10 +58,19 @@ def _check_output(output: Path, overwrite: bool) -> None:
         raise InputError(f"{output.parent}: no such directory")
 
 
+def _staging_dir(output: Path) -> Path:
+    """A fresh hidden directory beside OUTPUT; leftovers of killed exports to the same OUTPUT go first."""
+    for stale in output.parent.glob(f".{output.name}.partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    except OSError as exc:
+        raise InputError(f"{output.parent}: cannot create the bundle here ({exc.strerror})") from None
+    staging.chmod(0o755)  # mkdtemp makes it private; a bundle is an ordinary directory
+    return staging
+
+
 def _move_into_place(staging: Path, output: Path) -> None:
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; a bundle is an ordinary directory
     if output.exists():
         trash = output.with_name(f".{output.name}.old-{int(time.time())}")
         output.rename(trash)
@@ -76,6 +87,8 @@ def export_bundle(model: str, output: str | Path, options: ExportOptions = Expor
     from .validate import validate_bundle
 
     output = Path(output).absolute()
+    if not (options.tolerance > 0 and math.isfinite(options.tolerance)):
+        raise InputError(f"--tolerance must be a positive number, got {options.tolerance}")
     _check_output(output, options.overwrite)
     mask_decoder = MaskDecoder.from_npz(options.mask_decoder) if options.mask_decoder else None
     started = time.perf_counter()
@@ -91,7 +104,7 @@ def export_bundle(model: str, output: str | Path, options: ExportOptions = Expor
         raise InputError(f"--max-seq-len must exceed the {image_tokens} image tokens plus <bos> and a token of text")
     spec = decoder_spec(checkpoint.model, max_seq_len)
 
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    staging = _staging_dir(output)
     try:
         step("exporting vision graph (SigLIP + projector)")
         vision = export_vision(checkpoint.model, checkpoint.image, staging / "vision.onnx")
@@ -117,7 +130,8 @@ def export_bundle(model: str, output: str | Path, options: ExportOptions = Expor
         step("validating: ONNX Runtime against PyTorch")
         report = validate_bundle(staging, manifest, checkpoint, options.tolerance)
         manifest = _write_manifest(staging, replace(manifest, validation=report.to_dict()))
-        step(f"validation passed: max |delta logit| {report.max_abs_logit_diff:.2e} (tolerance {options.tolerance:g})")
+        step(f"validation passed: max |delta logit| {report.max_abs_logit_diff:.2e} "
+             f"(max |logit| {report.reference_max_abs_logit:.3g}, relative tolerance {options.tolerance:g})")
         _move_into_place(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

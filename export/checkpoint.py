@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..runtime.errors import InputError
+from ..runtime.errors import InputError, first_line
 from ..runtime.manifest import FULL, SLIDING, DecoderSpec, ImageSpec, TokenIds
 
 FAMILIES = {"gemma": 1, "gemma2": 2}
@@ -17,7 +17,6 @@ FAMILIES = {"gemma": 1, "gemma2": 2}
 class Checkpoint:
     """A loaded checkpoint: the transformers model and processor, and facts read from them."""
 
-    name: str
     model: Any
     processor: Any
     family: int
@@ -113,16 +112,17 @@ def load_checkpoint(model_ref: str) -> Checkpoint:
     if not looks_like_hub_id:
         _check_local_dir(path)
     try:
-        processor = AutoProcessor.from_pretrained(model_ref)
+        # The PIL backend: the runtime resizes with PIL, and transformers would pick its torchvision
+        # backend (antialiased resize, different pixels) whenever torchvision is importable.
+        processor = AutoProcessor.from_pretrained(model_ref, backend="pil")
         model = PaliGemmaForConditionalGeneration.from_pretrained(model_ref, dtype=torch.float32)
-    except Exception as exc:  # noqa: BLE001 - loaders raise OSError, ValueError, SafetensorError, ...
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{model_ref}: cannot load checkpoint ({first_line})") from None
+    except Exception as exc:  # loaders raise OSError, ValueError, SafetensorError, ... on a bad checkpoint
+        raise InputError(f"{model_ref}: cannot load checkpoint ({first_line(exc)})") from exc
     model.eval()
     family = FAMILIES.get(model.config.text_config.model_type)
     if family is None:
         raise InputError(f"{model_ref}: text decoder '{model.config.text_config.model_type}' is not Gemma or Gemma 2")
     return Checkpoint(
-        name=model_ref, model=model, processor=processor, family=family,
+        model=model, processor=processor, family=family,
         tokens=read_token_ids(model, processor), image=read_image_spec(model, processor),
     )

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..runtime.errors import PaliGemmaEdgeError
+from ..runtime.errors import PaliGemmaEdgeError, first_line
 from ..runtime.manifest import DecoderSpec, GraphSpec, ImageSpec, TensorSpec, past_names, present_names
 from .graphs import DecoderStep, VisionEncoder
 
@@ -139,8 +139,7 @@ def export_graph(
             )
             program.save(str(path), external_data=external)
     except Exception as exc:  # the exporter raises many unrelated types; report its message
-        message = str(exc).strip().splitlines()
-        raise GraphExportError(f"exporting {path.name} failed: {message[0] if message else type(exc).__name__}") from exc
+        raise GraphExportError(f"exporting {path.name} failed: {first_line(exc)}") from exc
     _name_dims(path, inputs, outputs)
     data_files = tuple(sorted(p.name for p in path.parent.glob(f"{path.name}.data")))
     return GraphSpec(

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from .runtime.errors import InputError, PaliGemmaEdgeError
+# Kept in sync with export.bundle.DEFAULT_TOLERANCE by a test; importing export here would need torch.
+DEFAULT_TOLERANCE = 1e-3
 from .runtime.tasks import TASKS
 
 
@@ -130,6 +133,7 @@ def _draw(picture, objects, path: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="paligemma-edge", description="PaliGemma from a Hugging Face checkpoint to an offline program.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     export = commands.add_parser("export", help="export a checkpoint to a bundle (ONNX graphs + manifest)")
@@ -137,8 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--output", "-o", required=True, help="bundle directory to create")
     export.add_argument("--max-seq-len", type=_positive_int, help="longest prompt + answer, in tokens "
                         "(default: image tokens + 512)")
-    export.add_argument("--tolerance", type=float, default=1e-3,
-                        help="max |delta logit| between ONNX Runtime and PyTorch (default 1e-3)")
+    export.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                        help="allowed max |delta logit| between ONNX Runtime and PyTorch, relative to the "
+                             f"largest logit (default {DEFAULT_TOLERANCE:g})")
     export.add_argument("--force", action="store_true", help="replace an existing bundle at --output")
     export.add_argument("--mask-decoder", metavar="vae-oid.npz",
                         help="big_vision's VQ-VAE mask decoder weights, carried into the bundle for segment")
@@ -169,12 +174,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = None
     try:
         args = build_parser().parse_args(argv)
         return args.handler(args)
     except PaliGemmaEdgeError as exc:
+        if args is not None and args.debug:
+            raise
         print(f"paligemma-edge: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # e.g. `run --json | head -1`: the reader left, nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
     except KeyboardInterrupt:
         print("paligemma-edge: interrupted", file=sys.stderr)
         return 130

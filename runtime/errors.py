@@ -26,3 +26,9 @@ class BundleError(InputError):
 
 class BackendUnavailableError(InputError):
     """A runtime backend whose packages are not installed."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (or its type name), for one-line error reports."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

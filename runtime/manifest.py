@@ -49,10 +49,16 @@ class ImageSpec:
     height: int
     width: int
     num_tokens: int
-    resample: int
+    resample: int  # a PIL resampling filter: 0 nearest, 2 bilinear, 3 bicubic, ...
     rescale_factor: float
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+
+    def __post_init__(self):
+        if self.resample not in (0, 1, 2, 3, 4, 5):
+            raise BundleError(f"manifest: image.resample {self.resample} is not a PIL resampling filter")
+        if min(self.height, self.width, self.num_tokens) < 1:
+            raise BundleError("manifest: image sizes and token count must be positive")
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,12 @@ class DecoderSpec:
     embedding_scale: float
     layer_types: tuple[str, ...]
     sliding_window: int | None = None
+
+    def __post_init__(self):
+        if len(self.layer_types) != self.num_layers or set(self.layer_types) - {SLIDING, FULL}:
+            raise BundleError(f"manifest: decoder.layer_types must name {self.num_layers} layers as {FULL} or {SLIDING}")
+        if self.has_sliding_layers and not self.sliding_window:
+            raise BundleError("manifest: sliding-window layers need decoder.sliding_window")
 
     @property
     def has_sliding_layers(self) -> bool:
@@ -139,9 +151,7 @@ class Manifest:
 
 
 def _build(cls, data: Any, where: str):
-    """Build a (nested) frozen dataclass from JSON, rejecting unknown and missing keys."""
-    if not dataclasses.is_dataclass(cls):
-        return data
+    """Build a (nested) frozen dataclass from JSON, rejecting unknown, missing and mistyped values."""
     if not isinstance(data, dict):
         raise BundleError(f"manifest: {where} must be an object")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -158,26 +168,51 @@ def _build(cls, data: Any, where: str):
     return cls(**kwargs)
 
 
+_SCALARS = {"int": int, "float": (int, float), "str": str}
+
+
+def _split_args(inner: str) -> list[str]:
+    """'int | str, ...' -> ['int | str', '...'] (no nested brackets occur in the manifest's types)."""
+    return [part.strip() for part in inner.split(",")]
+
+
+def _convert(type_name: str, value: Any, where: str):
+    """Check one JSON value against a field's annotation (a string, from __future__ annotations)."""
+    if type_name.endswith(" | None"):
+        if value is None:
+            return None
+        type_name = type_name[: -len(" | None")]
+    if type_name in _NESTED:
+        return _build(_NESTED[type_name], value, where)
+    if type_name == "Any":
+        return value
+    if type_name == "int | str":
+        type_name = "str" if isinstance(value, str) else "int"
+    if type_name in _SCALARS:
+        if isinstance(value, bool) or not isinstance(value, _SCALARS[type_name]):
+            raise BundleError(f"manifest: {where} must be {type_name}, got {value!r}")
+        return float(value) if type_name == "float" else value
+    if type_name.startswith("tuple["):
+        if not isinstance(value, list):
+            raise BundleError(f"manifest: {where} must be a list, got {value!r}")
+        parts = _split_args(type_name[len("tuple["):-1])
+        types = [parts[0]] * len(value) if parts[-1] == "..." else parts
+        if len(types) != len(value):
+            raise BundleError(f"manifest: {where} must have {len(types)} entries, got {len(value)}")
+        return tuple(_convert(t, v, f"{where}[{i}]") for i, (t, v) in enumerate(zip(types, value)))
+    if type_name.startswith("dict["):
+        if not isinstance(value, dict):
+            raise BundleError(f"manifest: {where} must be an object, got {value!r}")
+        value_type = _split_args(type_name[len("dict["):-1])[1]
+        return {str(k): _convert(value_type, v, f"{where}.{k}") for k, v in value.items()}
+    raise TypeError(f"manifest field type {type_name!r} has no reader")  # a bug in this module
+
+
 _NESTED = {
     "ImageSpec": ImageSpec, "TokenIds": TokenIds, "DecoderSpec": DecoderSpec,
     "GraphSpec": GraphSpec, "EmbeddingSpec": EmbeddingSpec, "TensorSpec": TensorSpec,
     "MaskDecoderSpec": MaskDecoderSpec,
 }
-
-
-def _convert(type_name: Any, value: Any, where: str):
-    name = type_name if isinstance(type_name, str) else getattr(type_name, "__name__", "")
-    if name.endswith(" | None"):
-        if value is None:
-            return None
-        name = name[: -len(" | None")]
-    if name in _NESTED:
-        return _build(_NESTED[name], value, where)
-    if name.startswith("tuple[TensorSpec"):
-        return tuple(_build(TensorSpec, v, f"{where}[{i}]") for i, v in enumerate(value))
-    if name.startswith("tuple"):
-        return tuple(value)
-    return value
 
 
 def read_manifest(bundle_dir: Path) -> Manifest:

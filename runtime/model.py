@@ -111,20 +111,35 @@ class PaliGemma:
 
     def stream_tokens(self, image: ImageInput, prompt: str, options: GenerationOptions | None = None
                       ) -> Iterator[TokenChunk]:
-        """Yield tokens as they are generated (eos excluded), each with the text it completes."""
+        """Yield each generated token (eos excluded) with the text it completes.
+
+        A token that ends inside a multi-byte character is held back until the character is
+        complete (or generation ends), so the chunks' texts always join to the full answer.
+        """
         _, _, steps = self._steps([image], [prompt], options or GenerationOptions())
         ids: list[int] = []
+        pending: list[int] = []
         emitted = ""
         for step in steps:
             if step.reached_eos[0]:
-                return
+                break
             ids.append(int(step.tokens[0]))
+            pending.append(ids[-1])
             text = self.tokenizer.decode(ids)
-            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
-                yield TokenChunk(ids[-1], "")
+            if text.endswith("\ufffd") or not text.startswith(emitted):
                 continue
-            yield TokenChunk(ids[-1], text[len(emitted):])
+            yield from self._flush(pending, text[len(emitted):])
             emitted = text
+        text = self.tokenizer.decode(ids)
+        if pending:
+            yield from self._flush(pending, text[len(emitted):] if text.startswith(emitted) else "")
+
+    @staticmethod
+    def _flush(pending: list[int], text: str) -> Iterator[TokenChunk]:
+        for token in pending[:-1]:
+            yield TokenChunk(token, "")
+        yield TokenChunk(pending[-1], text)
+        pending.clear()
 
     # -- tasks -------------------------------------------------------------------------------
 

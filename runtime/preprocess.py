@@ -42,7 +42,7 @@ def load_image(source: ImageInput) -> Image.Image:
         with Image.open(path) as opened:
             opened.load()
             return to_rgb(opened)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
         raise InputError(f"{path}: not a readable image ({exc})") from None
 
 

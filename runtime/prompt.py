@@ -21,10 +21,6 @@ class PromptBatch:
     position_ids: np.ndarray  # [batch, seq] int64, 1-indexed, skipping pads
     image_positions: np.ndarray  # [batch, seq] bool, True on <image> tokens
 
-    @property
-    def lengths(self) -> list[int]:
-        return self.valid.sum(axis=1).tolist()
-
 
 class PromptTokenizer:
     """The bundle's tokenizer.json plus the prompt layout and the bundle's token ids."""
@@ -45,6 +41,8 @@ class PromptTokenizer:
         if not isinstance(prompt, str):
             raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
         text_ids = self._tokenizer.encode(prompt + "\n", add_special_tokens=False).ids
+        if self.tokens.image in text_ids:
+            raise InputError("a prompt cannot contain the image token; the image goes in --image")
         ids = [self.tokens.image] * self.num_image_tokens + [self.tokens.bos] + text_ids
         if len(ids) >= self.max_seq_len:
             raise InputError(

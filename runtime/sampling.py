@@ -28,6 +28,8 @@ class GenerationOptions:
             raise InputError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
+            raise InputError(f"seed must be a non-negative integer, got {self.seed}")
 
     @property
     def greedy(self) -> bool:

@@ -78,7 +78,7 @@ class Reference:
         from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
 
         self.torch = torch
-        self.processor = AutoProcessor.from_pretrained(checkpoint)
+        self.processor = AutoProcessor.from_pretrained(checkpoint, backend="pil")
         self.model = PaliGemmaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
 
     def inputs(self, images: list, prompts: list[str]):

@@ -130,6 +130,27 @@ def test_bad_sampling_options_and_backend(bundles, images):
     assert_one_line_error(run_cli(*base, "--stream", "--prompt", "y"), "--stream")
 
 
+def test_bad_prompt_and_seed(bundles, images):
+    base = ["run", str(bundles[(1, 28)]), "--image", str(images[0])]
+    assert_one_line_error(run_cli(*base, "--prompt", "caption <image> en"), "image token")
+    assert_one_line_error(run_cli(*base, "--prompt", "x", "--seed", "-1"), "seed")
+
+
+@pytest.mark.parametrize("field, value", [
+    (("tokens", "eos"), 1), (("files",), []), (("decoder", "layer_types"), None),
+    (("image", "resample"), 99), (("decoder", "num_layers"), "3"), (("image", "mean"), [0.5, 0.5]),
+])
+def test_mistyped_manifest_values(field, value, bundle_copy, images):
+    data = json.loads((bundle_copy / MANIFEST_NAME).read_text())
+    target = data
+    for key in field[:-1]:
+        target = target[key]
+    target[field[-1]] = value
+    (bundle_copy / MANIFEST_NAME).write_text(json.dumps(data))
+    result = run_cli("run", str(bundle_copy), "--image", str(images[0]), "--prompt", "caption en")
+    assert_one_line_error(result, "manifest")
+
+
 def test_usage_errors():
     assert_one_line_error(run_cli(), "required")
     assert_one_line_error(run_cli("run"), "required")

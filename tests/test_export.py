@@ -77,3 +77,31 @@ def test_max_seq_len_must_leave_room_for_text(checkpoints, tmp_path, value):
     result = run_cli("export", str(checkpoints[(1, 28)]), "-o", str(tmp_path / "b"), "--max-seq-len", value)
     assert result.returncode == 2 and "--max-seq-len" in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "b").exists()
+
+
+def test_cli_default_tolerance_matches_the_library():
+    from paligemma_edge import cli
+    from paligemma_edge.export.bundle import DEFAULT_TOLERANCE
+
+    assert cli.DEFAULT_TOLERANCE == DEFAULT_TOLERANCE
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "nan"])
+def test_tolerance_must_be_positive(checkpoints, tmp_path, value):
+    result = run_cli("export", str(checkpoints[(1, 28)]), "-o", str(tmp_path / "b"), "--tolerance", value)
+    assert result.returncode == 2 and "--tolerance" in result.stderr.strip().splitlines()[-1]
+
+
+def test_output_that_is_a_file_is_refused(checkpoints, tmp_path):
+    target = tmp_path / "file"
+    target.write_text("x")
+    result = run_cli("export", str(checkpoints[(1, 28)]), "-o", str(target), "--force")
+    assert result.returncode == 2 and "not a directory" in result.stderr and target.read_text() == "x"
+
+
+def test_leftovers_of_a_killed_export_are_cleared(checkpoints, tmp_path):
+    stale = tmp_path / ".bundle.partial-abc123"
+    stale.mkdir()
+    (stale / "manifest.json").write_text("{}")
+    run_cli("export", str(checkpoints[(1, 28)]), "-o", str(tmp_path / "bundle"), check=True)
+    assert not stale.exists() and (tmp_path / "bundle" / "manifest.json").is_file()

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from ..errors import BundleError
+from ..errors import BundleError, first_line
 from ..manifest import GraphSpec, Manifest, past_names, present_names
 
 
@@ -22,7 +22,6 @@ class OrtCache:
     """Past key/values per layer as OrtValues, in decoder input order."""
 
     values: dict[str, ort.OrtValue] = field(default_factory=dict)
-    length: int = 0
 
 
 class OnnxRuntimeBackend:
@@ -62,8 +61,7 @@ class OnnxRuntimeBackend:
         try:
             session = ort.InferenceSession(str(path), sess_options=options, providers=self._providers)
         except Exception as exc:  # ORT raises its own exception types (InvalidProtobuf, Fail, ...)
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise BundleError(f"{path}: ONNX Runtime cannot load the graph ({first_line}); re-export the bundle") from None
+            raise BundleError(f"{path}: ONNX Runtime cannot load the graph ({first_line(exc)}); re-export the bundle") from None
         names = [i.name for i in session.get_inputs()]
         if names != graph.input_names():
             raise BundleError(f"{path}: graph inputs {names} differ from the manifest; re-export the bundle")
@@ -96,7 +94,6 @@ class OnnxRuntimeBackend:
         outputs = self.decoder.run_with_ort_values(self._decoder_outputs, feed)
         for output_index, past in self._cache_routes:
             cache.values[past] = outputs[output_index]
-        cache.length += inputs_embeds.shape[1]
         return outputs[0].numpy()
 
     def close(self) -> None:
