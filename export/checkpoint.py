@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..runtime.errors import InputError, first_line
-from ..runtime.manifest import FULL, SLIDING, DecoderSpec, ImageSpec, TokenIds
+from ..runtime.manifest import FULL, SLIDING, DecoderSpec, ImageSpec, TokenIds, read_json_object
 
 FAMILIES = {"gemma": 1, "gemma2": 2}
 
@@ -30,11 +29,7 @@ def _check_local_dir(path: Path) -> None:
     config_path = path / "config.json"
     if not config_path.is_file():
         raise InputError(f"{path}: not a Hugging Face checkpoint (no config.json)")
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{config_path}: unreadable config ({exc})") from None
-    model_type = config.get("model_type") if isinstance(config, dict) else None
+    model_type = read_json_object(config_path, InputError, "config").get("model_type")
     if model_type != "paligemma":
         raise InputError(f"{path}: a {model_type or 'unknown'} checkpoint, not PaliGemma (model_type 'paligemma')")
 

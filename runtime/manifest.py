@@ -215,16 +215,22 @@ _NESTED = {
 }
 
 
+def read_json_object(path: Path, error: type[Exception], what: str) -> dict:
+    """A JSON file that must hold an object; anything else raises ``error`` with one clear line."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise error(f"{path}: unreadable {what} ({exc})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: {what} must be a JSON object")
+    return data
+
+
 def read_manifest(bundle_dir: Path) -> Manifest:
     path = Path(bundle_dir) / MANIFEST_NAME
     if not path.is_file():
         raise BundleError(f"{bundle_dir}: not a bundle (no {MANIFEST_NAME}); create one with 'paligemma-edge export'")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{path}: unreadable manifest ({exc})") from None
-    if not isinstance(data, dict):
-        raise BundleError(f"{path}: manifest must be a JSON object")
+    data = read_json_object(path, BundleError, "manifest")
     version = data.get("schema_version")
     if version != SCHEMA_VERSION:
         raise BundleError(
