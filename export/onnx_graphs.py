@@ -89,11 +89,15 @@ def _quiet_exporter():
         logger.setLevel(level)
 
 
-def _name_dims(path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> None:
-    """Write our symbolic dim names (batch, seq, past, total) over the tracer's s0, s1, ..."""
+def _finish_graph(path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> None:
+    """Write our symbolic dim names (batch, seq, past, total) over the tracer's s0, s1, ..., and drop
+    the tracer's per-node metadata (source stack traces), which only makes the file larger."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
     for values, specs in ((model.graph.input, inputs), (model.graph.output, outputs)):
         by_name = {v.name: v for v in values}
         if set(by_name) != {s.name for s in specs}:
@@ -140,7 +144,7 @@ def export_graph(
             program.save(str(path), external_data=external)
     except Exception as exc:  # the exporter raises many unrelated types; report its message
         raise GraphExportError(f"exporting {path.name} failed: {first_line(exc)}") from exc
-    _name_dims(path, inputs, outputs)
+    _finish_graph(path, inputs, outputs)
     data_files = tuple(sorted(p.name for p in path.parent.glob(f"{path.name}.data")))
     return GraphSpec(
         file=path.name, inputs=tuple(inputs), outputs=tuple(outputs), precision="fp32", external_data=data_files

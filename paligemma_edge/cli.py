@@ -54,6 +54,21 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_quantize(args) -> int:
+    try:
+        from .quantize.bundle import QuantizeOptions, quantize_bundle
+    except ImportError as exc:
+        raise InputError(f"quantize needs the 'export' extra ({exc.name} is missing): pip install 'paligemma-edge[export]'") from None
+    options = QuantizeOptions(
+        precision=args.precision, int8_method=args.int8_method,
+        calibration=Path(args.calibration) if args.calibration else None, block_size=args.block_size,
+        int4_activations=args.int4_activations, keep_embeddings=args.keep_embeddings, fp16_io=args.fp16_io,
+        overwrite=args.force,
+    )
+    quantize_bundle(args.bundle, args.output, options, progress=_progress)
+    return 0
+
+
 def _prompts(args) -> list[str]:
     from .runtime.tasks import build_prompt
 
@@ -148,6 +163,25 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--mask-decoder", metavar="vae-oid.npz",
                         help="big_vision's VQ-VAE mask decoder weights, carried into the bundle for segment")
     export.set_defaults(handler=_cmd_export)
+
+    quantize = commands.add_parser("quantize", help="write an fp16, int8 or int4 bundle from an fp32 bundle")
+    quantize.add_argument("bundle", help="fp32 bundle directory (left untouched)")
+    quantize.add_argument("--precision", required=True, choices=("fp16", "int8", "int4"))
+    quantize.add_argument("--output", "-o", required=True, help="bundle directory to create")
+    quantize.add_argument("--int8-method", choices=("dynamic", "static"), default="dynamic",
+                          help="dynamic: ONNX Runtime on CPU (default); static: Q/DQ calibrated on --calibration "
+                               "(TensorRT's explicit int8)")
+    quantize.add_argument("--calibration", metavar="DIR",
+                          help="real images (+ optional prompts.txt, one prompt a line) for static int8 and fp16 ranges")
+    quantize.add_argument("--block-size", type=_positive_int, default=32, help="int4 block size (default 32)")
+    quantize.add_argument("--int4-activations", choices=("fp32", "fp16"), default="fp32",
+                          help="fp16: MatMulNBits on fp16 activations, as TensorRT's ONNX parser requires")
+    quantize.add_argument("--keep-embeddings", action="store_true",
+                          help="int8/int4: keep the tied embedding / LM head at fp32 instead of int8")
+    quantize.add_argument("--fp16-io", action="store_true",
+                          help="fp16: graph inputs/outputs and the KV cache in fp16 as well")
+    quantize.add_argument("--force", action="store_true", help="replace an existing bundle at --output")
+    quantize.set_defaults(handler=_cmd_quantize)
 
     run = commands.add_parser("run", help="generate text for an image and prompt(s) from a bundle")
     run.add_argument("bundle", help="bundle directory")

@@ -1,1 +1,1 @@
-"""Quantization of bundles to fp16, int8 and int4 (issue 4; nothing here yet)."""
+"""Quantization of fp32 bundles to fp16, int8 and int4 (needs the ``export`` extra: onnx)."""

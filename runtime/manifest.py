@@ -103,6 +103,7 @@ class GraphSpec:
     outputs: tuple[TensorSpec, ...]
     precision: str
     external_data: tuple[str, ...] = ()
+    quantization: dict[str, Any] = field(default_factory=dict)  # method and parameters, if quantized
 
     def input_names(self) -> list[str]:
         return [t.name for t in self.inputs]
@@ -113,11 +114,20 @@ class GraphSpec:
 
 @dataclass(frozen=True)
 class EmbeddingSpec:
-    """The token embedding, tied to the LM head: stored once, fed to the decoder graph."""
+    """The token embedding, tied to the LM head: stored once, fed to the decoder graph.
+
+    ``shape`` is [vocab, hidden]. An int8 table is stored transposed, [hidden, vocab] (the layout
+    integer GEMM kernels take), with one float32 scale per token in ``scale_file``."""
 
     file: str
     dtype: str
     shape: tuple[int, int]
+    scale_file: str | None = None
+    transposed: bool = False
+
+    @property
+    def stored_shape(self) -> tuple[int, int]:
+        return (self.shape[1], self.shape[0]) if self.transposed else tuple(self.shape)
 
 
 @dataclass(frozen=True)
@@ -144,6 +154,7 @@ class Manifest:
     versions: dict[str, str] = field(default_factory=dict)
     validation: dict[str, Any] = field(default_factory=dict)
     mask_decoder: MaskDecoderSpec | None = None
+    quantization: dict[str, Any] = field(default_factory=dict)  # source bundle, options, what was kept
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> str:
@@ -168,7 +179,7 @@ def _build(cls, data: Any, where: str):
     return cls(**kwargs)
 
 
-_SCALARS = {"int": int, "float": (int, float), "str": str}
+_SCALARS = {"int": int, "float": (int, float), "str": str, "bool": bool}
 
 
 def _split_args(inner: str) -> list[str]:
@@ -189,7 +200,7 @@ def _convert(type_name: str, value: Any, where: str):
     if type_name == "int | str":
         type_name = "str" if isinstance(value, str) else "int"
     if type_name in _SCALARS:
-        if isinstance(value, bool) or not isinstance(value, _SCALARS[type_name]):
+        if isinstance(value, bool) != (type_name == "bool") or not isinstance(value, _SCALARS[type_name]):
             raise BundleError(f"manifest: {where} must be {type_name}, got {value!r}")
         return float(value) if type_name == "float" else value
     if type_name.startswith("tuple["):

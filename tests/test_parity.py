@@ -162,7 +162,7 @@ def test_decode_step_feeds_ort_values_back_without_copies(bundles):
         backend.decoder.run_with_ort_values = recording_run
         decode_step(backend, runtime.manifest.decoder, state, np.array([5]))
         assert fed[0] == before
-        assert backend._embedding_value.data_ptr() == backend.embedding.ctypes.data
+        assert backend._constant_inputs["embedding"].data_ptr() == backend.embedding.ctypes.data
 
 
 def test_cli_streamed_text_equals_the_json_text(bundles, images):

@@ -46,14 +46,17 @@ class OnnxRuntimeBackend:
             for layer in range(manifest.decoder.num_layers)
             for past, present in zip(past_names(layer), present_names(layer))
         ]
-        embedding_path = Path(bundle_dir) / manifest.embedding.file
-        try:
-            self.embedding = np.load(embedding_path, mmap_mode="r")
-        except (OSError, ValueError) as exc:
-            raise BundleError(f"{embedding_path}: unreadable embedding ({exc})") from None
-        if self.embedding.shape != tuple(manifest.embedding.shape):
-            raise BundleError(f"{embedding_path}: shape {self.embedding.shape} differs from the manifest")
-        self._embedding_value = ort.OrtValue.ortvalue_from_numpy(self.embedding)
+        self._input_dtypes = {
+            t.name: np.dtype(t.dtype) for graph in (manifest.vision_graph, manifest.decoder_graph) for t in graph.inputs
+        }
+        spec = manifest.embedding
+        self.embedding = _load_array(Path(bundle_dir) / spec.file, np.dtype(spec.dtype), spec.stored_shape)
+        self._transposed = spec.transposed
+        self._constant_inputs = {"embedding": ort.OrtValue.ortvalue_from_numpy(self.embedding)}
+        self.row_scales = None
+        if spec.scale_file:
+            self.row_scales = _load_array(Path(bundle_dir) / spec.scale_file, np.dtype("float32"), (spec.shape[0],))
+            self._constant_inputs["embedding_scale"] = ort.OrtValue.ortvalue_from_numpy(self.row_scales)
         self._scale = np.float32(self.decoder_spec.embedding_scale)
 
     def _session(self, bundle_dir: Path, graph: GraphSpec, options) -> ort.InferenceSession:
@@ -68,14 +71,22 @@ class OnnxRuntimeBackend:
         return session
 
     def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
-        return self.vision.run(None, {"pixel_values": pixel_values})[0]
+        pixels = pixel_values.astype(self._input_dtypes["pixel_values"], copy=False)
+        return self.vision.run(None, {"pixel_values": pixels})[0].astype(np.float32, copy=False)
 
     def embed(self, token_ids: np.ndarray) -> np.ndarray:
-        return np.asarray(self.embedding[token_ids], dtype=np.float32) * self._scale
+        if self._transposed:
+            rows = np.moveaxis(np.asarray(self.embedding[:, token_ids], dtype=np.float32), 0, -1)
+        else:
+            rows = np.asarray(self.embedding[token_ids], dtype=np.float32)
+        if self.row_scales is not None:
+            rows *= self.row_scales[token_ids][..., None]
+        return rows * self._scale
 
     def new_cache(self, batch: int) -> OrtCache:
         spec = self.decoder_spec
-        empty = np.zeros((batch, spec.num_kv_heads, 0, spec.head_dim), dtype=np.float32)
+        dtype = self._input_dtypes[past_names(0)[0]]
+        empty = np.zeros((batch, spec.num_kv_heads, 0, spec.head_dim), dtype=dtype)
         cache = OrtCache()
         for layer in range(spec.num_layers):
             for name in past_names(layer):
@@ -83,10 +94,11 @@ class OnnxRuntimeBackend:
         return cache
 
     def step(self, inputs_embeds, masks, position_ids, cache: OrtCache) -> np.ndarray:
+        embeds_dtype = self._input_dtypes["inputs_embeds"]
         feed = {
-            "inputs_embeds": ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(inputs_embeds, dtype=np.float32)),
+            "inputs_embeds": ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(inputs_embeds, dtype=embeds_dtype)),
             "position_ids": ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(position_ids, dtype=np.int64)),
-            "embedding": self._embedding_value,
+            **self._constant_inputs,
         }
         for name, mask in masks.items():
             feed[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(mask))
@@ -94,8 +106,19 @@ class OnnxRuntimeBackend:
         outputs = self.decoder.run_with_ort_values(self._decoder_outputs, feed)
         for output_index, past in self._cache_routes:
             cache.values[past] = outputs[output_index]
-        return outputs[0].numpy()
+        return outputs[0].numpy().astype(np.float32, copy=False)
 
     def close(self) -> None:
         self.vision = self.decoder = None
-        self._embedding_value = None
+        self._constant_inputs = {}
+
+
+def _load_array(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """Memory-map a .npy file and check it is what the manifest says."""
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{path}: unreadable array ({exc})") from None
+    if array.shape != shape or array.dtype != dtype:
+        raise BundleError(f"{path}: {array.dtype} {array.shape} differs from the manifest's {dtype} {shape}")
+    return array

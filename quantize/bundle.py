@@ -1,0 +1,216 @@
+"""``quantize_bundle``: an fp32 bundle -> an fp16, int8 or int4 bundle, written atomically beside it.
+
+The manifest of the result records, per graph, the precision, method and parameters, and for
+fp16 which nodes were kept in fp32 and why; every backend reads that, nothing is guessed from
+file names. The tied embedding / LM head is stored once: fp16 for fp16 bundles, int8 with a
+scale per row for int8 and int4 bundles (``keep_embeddings`` leaves it fp32).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from ..runtime.bundle_writer import check_output, package_versions, staged_bundle, write_manifest
+from ..runtime.errors import InputError
+from ..runtime.manifest import EmbeddingSpec, GraphSpec, Manifest, TensorSpec, read_manifest, verify_files
+from . import calibration, embedding, fp16, methods
+
+PRECISIONS = ("fp16", "int8", "int4")
+INT8_METHODS = ("dynamic", "static")
+# Graphs at or above this many bytes of weights keep them in external data (protobuf's 2 GiB limit).
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+QUANTIZE_PACKAGES = ("paligemma-edge", "onnx", "onnxruntime", "numpy")
+
+Progress = Callable[[str], None]
+
+_ELEM_TYPES = {
+    onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.INT64: "int64",
+    onnx.TensorProto.BOOL: "bool", onnx.TensorProto.INT8: "int8",
+}
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    precision: str
+    int8_method: str = "dynamic"  # "static": Q/DQ calibrated on --calibration (TensorRT's explicit int8)
+    calibration: Path | None = None  # images (and optional prompts.txt)
+    block_size: int = 32  # int4
+    int4_activations: str = "fp32"  # "fp16": MatMulNBits with fp16 activations (TensorRT's parser needs it)
+    keep_embeddings: bool = False  # int8/int4: leave the tied embedding at the source precision
+    fp16_io: bool = False  # fp16: graph inputs/outputs and the KV cache in fp16 too
+    overwrite: bool = False
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise InputError(f"unknown precision '{self.precision}'; choose from: {', '.join(PRECISIONS)}")
+        if self.int8_method not in INT8_METHODS:
+            raise InputError(f"unknown int8 method '{self.int8_method}'; choose from: {', '.join(INT8_METHODS)}")
+        if self.precision == "int8" and self.int8_method == "static" and self.calibration is None:
+            raise InputError("static int8 needs --calibration DIR with real images (and optionally prompts.txt)")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise InputError(f"--block-size must be a power of two >= 16, got {self.block_size}")
+        if self.int4_activations not in ("fp32", "fp16"):
+            raise InputError("--int4-activations is fp32 or fp16")
+
+
+def _load_graph(bundle: Path, spec: GraphSpec) -> onnx.ModelProto:
+    return onnx.load(str(bundle / spec.file))
+
+
+def _save_graph(model: onnx.ModelProto, path: Path) -> tuple[str, ...]:
+    if model.ByteSize() >= EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{path.name}.data", size_threshold=1024)
+        return (f"{path.name}.data",)
+    onnx.save_model(model, str(path))
+    return ()
+
+
+def _io_specs(model: onnx.ModelProto, old: GraphSpec) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """I/O specs of a rewritten graph: names and dtypes from the graph, dims from the source spec."""
+    dims = {t.name: t.shape for t in (*old.inputs, *old.outputs)}
+
+    def spec(value) -> TensorSpec:
+        tensor = value.type.tensor_type
+        shape = dims.get(value.name) or tuple(d.dim_param or d.dim_value for d in tensor.shape.dim)
+        return TensorSpec(value.name, _ELEM_TYPES[tensor.elem_type], tuple(shape))
+
+    return tuple(spec(v) for v in model.graph.input), tuple(spec(v) for v in model.graph.output)
+
+
+def _feeds_with(feeds: list[dict], constants: dict[str, np.ndarray]) -> list[dict]:
+    return [feed | constants for feed in feeds]
+
+
+class _Quantizer:
+    """One quantize run: the source bundle, the options, the staging directory, the report."""
+
+    def __init__(self, source: Path, manifest: Manifest, options: QuantizeOptions, staging: Path, step: Progress):
+        self.source, self.manifest, self.options, self.staging, self.step = source, manifest, options, staging, step
+        self.report: dict = {"source_precision": manifest.precision}
+
+    def calibration_set(self) -> calibration.CalibrationSet:
+        options = self.options
+        if options.calibration is not None:
+            images = calibration.images_in(options.calibration)
+            prompts = calibration.prompts_in(options.calibration)
+            origin = str(options.calibration)
+        else:
+            images, prompts, origin = calibration.synthetic_images(), calibration.DEFAULT_PROMPTS, "synthetic images"
+        self.step(f"recording calibration inputs: {len(images)} image(s) x {len(prompts)} prompt(s) from {origin}")
+        recorded = calibration.record(self.source, images, prompts)
+        self.report["calibration"] = {"source": origin, "images": len(images), "prompts": len(prompts),
+                                      "decoder_feeds": len(recorded.decoder)}
+        return recorded
+
+    def embedding(self) -> tuple[EmbeddingSpec, dict[str, np.ndarray]]:
+        """Write the tied table at its new precision; returns its spec and the decoder's constant inputs."""
+        spec = self.manifest.embedding
+        table = np.load(self.source / spec.file)
+        if self.options.precision == "fp16":
+            table = table.astype(np.float16)
+        elif not self.options.keep_embeddings:
+            table, scales = embedding.quantize_rows(table)
+            np.save(self.staging / "embedding.npy", table)
+            np.save(self.staging / "embedding_scale.npy", scales)
+            return (EmbeddingSpec("embedding.npy", "int8", spec.shape, scale_file="embedding_scale.npy", transposed=True),
+                    {"embedding": table, embedding.SCALE_INPUT: scales})
+        np.save(self.staging / "embedding.npy", table)
+        return EmbeddingSpec("embedding.npy", str(table.dtype), spec.shape), {"embedding": table}
+
+    def graph(self, name: str, spec: GraphSpec, feeds: list[dict], lm_head_int8: bool) -> GraphSpec:
+        model = _load_graph(self.source, spec)
+        options = self.options
+        exclude: list[str] = []
+        if lm_head_int8:
+            exclude = embedding.int8_lm_head(model)
+        elif name == "decoder":
+            exclude = [embedding.lm_head_node(model).name]  # the head stays at the table's precision
+        if options.precision == "fp16":
+            model, params = self._fp16(name, model, feeds, exclude)
+        elif options.precision == "int8" and options.int8_method == "static":
+            model, params = methods.int8_static(model, feeds, exclude)
+        elif options.precision == "int8":
+            model, params = methods.int8_dynamic(model, exclude)
+        else:
+            model, params = methods.int4_blocks(model, options.block_size, exclude)
+            if options.int4_activations == "fp16":
+                model = fp16.convert(model, keep_io=self._fp32_io(model), node_block_list=exclude)
+                params["activations"] = "fp16"
+        if lm_head_int8:
+            params["lm_head"] = "int8 table, per-row scales (MatMulInteger)"
+        external = _save_graph(model, self.staging / spec.file)
+        inputs, outputs = _io_specs(model, spec)
+        return GraphSpec(spec.file, inputs, outputs, options.precision, external, params)
+
+    def _fp32_io(self, model: onnx.ModelProto) -> list[str]:
+        """Graph I/O that stays fp32: all float I/O but the embedding table, unless fp16 I/O was asked for."""
+        names = [v.name for v in (*model.graph.input, *model.graph.output) if v.name != "embedding"]
+        return [] if self.options.fp16_io else names
+
+    def _fp16(self, name, model, feeds, exclude):
+        maxima = fp16.measure_ranges(model, feeds)
+        kept = fp16.nodes_out_of_range(model, maxima)
+        self.step(f"{name}: max |activation| {kept.max_abs_activation:.4g}; "
+                  f"{len(kept.kept_nodes)} node(s) beyond +-{kept.threshold:g} kept in fp32")
+        converted = fp16.convert(model, keep_io=self._fp32_io(model), node_block_list=list(kept.kept_nodes) + exclude)
+        params = {"method": "fp16", "fp16_io": self.options.fp16_io, "ranges": kept.to_dict()}
+        return converted, params
+
+
+def quantize_bundle(source: str | Path, output: str | Path, options: QuantizeOptions,
+                    progress: Progress = lambda message: None) -> Manifest:
+    """Quantize the fp32 bundle SOURCE into a new bundle OUTPUT (SOURCE is left untouched)."""
+    source, output = Path(source), Path(output).absolute()
+    if not source.is_dir():
+        raise InputError(f"{source}: no such bundle directory")
+    manifest = read_manifest(source)
+    if manifest.precision != "fp32":
+        raise InputError(f"{source} is already {manifest.precision}; quantize starts from the fp32 bundle export wrote")
+    verify_files(source, manifest)
+    if source.absolute() == output:
+        raise InputError("--output must differ from the source bundle (the source is left untouched)")
+    check_output(output, options.overwrite)
+    if options.calibration is not None:
+        calibration.images_in(options.calibration)  # fail on a bad directory before any work
+    started = time.perf_counter()
+
+    def step(message: str) -> None:
+        progress(f"[{time.perf_counter() - started:6.1f}s] {message}")
+
+    with staged_bundle(output, options.overwrite) as staging:
+        run = _Quantizer(source, manifest, options, staging, step)
+        needs_feeds = options.precision == "fp16" or options.int8_method == "static" and options.precision == "int8"
+        recorded = run.calibration_set() if needs_feeds else calibration.CalibrationSet()
+        step(f"writing the tied embedding at {'fp16' if options.precision == 'fp16' else 'int8' if not options.keep_embeddings else 'fp32'}")
+        embedding_spec, constants = run.embedding()
+        lm_head_int8 = embedding_spec.dtype == "int8"
+        step(f"quantizing vision graph to {options.precision}")
+        vision = run.graph("vision", manifest.vision_graph, recorded.vision, lm_head_int8=False)
+        step(f"quantizing decoder graph to {options.precision}")
+        # Feeds for the source (fp32) decoder: ranges are measured there; static int8 calibrates the rewritten one.
+        source_table = {"embedding": np.load(source / manifest.embedding.file, mmap_mode="r")}
+        decoder_feeds = _feeds_with(recorded.decoder, constants if lm_head_int8 else source_table)
+        decoder = run.graph("decoder", manifest.decoder_graph, decoder_feeds, lm_head_int8=lm_head_int8)
+        for name in {manifest.tokenizer, *(m.file for m in [manifest.mask_decoder] if m)}:
+            shutil.copyfile(source / name, staging / name)
+        run.report["options"] = {
+            "precision": options.precision, "int8_method": options.int8_method, "block_size": options.block_size,
+            "int4_activations": options.int4_activations, "keep_embeddings": options.keep_embeddings,
+            "fp16_io": options.fp16_io, "calibration": str(options.calibration) if options.calibration else None,
+        }
+        result = replace(
+            manifest, precision=options.precision, vision_graph=vision, decoder_graph=decoder, embedding=embedding_spec,
+            versions=manifest.versions | {f"quantize:{k}": v for k, v in package_versions(QUANTIZE_PACKAGES).items()},
+            quantization=run.report,
+        )
+        result = write_manifest(staging, result)
+    step(f"wrote {options.precision} bundle {output}")
+    return result

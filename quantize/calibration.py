@@ -1,0 +1,103 @@
+"""Calibration inputs: real images and prompts run through the source bundle, with every graph feed recorded.
+
+The recorded feeds drive fp16 range measurement and static int8 calibration: the graphs see
+exactly what they see at run time (prefill with an empty past, then KV-cached decode steps).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..runtime.errors import InputError
+from ..runtime.model import load
+from ..runtime.sampling import GenerationOptions
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+DEFAULT_PROMPTS = ["caption en", "describe en", "ocr", "answer en what is in the image", "detect object"]
+DECODE_STEPS = 8
+
+
+@dataclass
+class CalibrationSet:
+    """Recorded inputs of the vision and decoder graphs."""
+
+    vision: list[dict[str, np.ndarray]] = field(default_factory=list)
+    decoder: list[dict[str, np.ndarray]] = field(default_factory=list)
+
+
+def images_in(directory: Path) -> list[Path]:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise InputError(f"{directory}: no such calibration directory")
+    images = sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise InputError(f"{directory}: no images in the calibration directory ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return images
+
+
+def prompts_in(directory: Path | None) -> list[str]:
+    """``prompts.txt`` in the calibration directory (one per line), else PaliGemma's task prefixes."""
+    path = Path(directory) / "prompts.txt" if directory else None
+    if path and path.is_file():
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if prompts:
+            return prompts
+    return DEFAULT_PROMPTS
+
+
+def synthetic_images(count: int = 4, size: int = 224) -> list[Image.Image]:
+    """Deterministic pictures (gradients, shapes, noise) for range measurement without a calibration set."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(0)
+    images = []
+    for index in range(count):
+        base = rng.integers(0, 256, (size, size, 3), dtype=np.uint8) if index % 2 else np.full((size, size, 3), 235, np.uint8)
+        image = Image.fromarray(base)
+        draw = ImageDraw.Draw(image)
+        for _ in range(3):
+            x, y = rng.integers(0, size - 40, 2)
+            draw.ellipse((int(x), int(y), int(x) + 40, int(y) + 40), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+        images.append(image)
+    return images
+
+
+# Inputs that are the same on every call (the tied embedding); recorded feeds leave them out.
+CONSTANT_INPUTS = ("embedding", "embedding_scale")
+
+
+class _Recorder:
+    """Wraps an ONNX Runtime session and keeps a numpy copy of every feed it runs (constants aside)."""
+
+    def __init__(self, session, sink: list):
+        self._session = session
+        self._sink = sink
+
+    def run(self, names, feed, *rest):
+        self._sink.append({k: np.array(v) for k, v in feed.items() if k not in CONSTANT_INPUTS})
+        return self._session.run(names, feed, *rest)
+
+    def run_with_ort_values(self, names, feed, *rest):
+        self._sink.append({k: v.numpy() for k, v in feed.items() if k not in CONSTANT_INPUTS})
+        return self._session.run_with_ort_values(names, feed, *rest)
+
+    def __getattr__(self, name):
+        return getattr(self._session, name)
+
+
+def record(bundle: Path, images: list, prompts: list[str], decode_steps: int = DECODE_STEPS) -> CalibrationSet:
+    """Run every image with every prompt through the bundle (greedy), recording the graphs' feeds."""
+    recorded = CalibrationSet()
+    with load(bundle, verify=False) as model:
+        model.feature_cache.max_entries = 0  # every image through the vision graph
+        backend = model.backend
+        backend.vision = _Recorder(backend.vision, recorded.vision)
+        backend.decoder = _Recorder(backend.decoder, recorded.decoder)
+        options = GenerationOptions(max_new_tokens=decode_steps)
+        for image in images:
+            model.generate_batch([image], prompts, options)
+    return recorded
