@@ -69,24 +69,37 @@ def _cmd_quantize(args) -> int:
     return 0
 
 
+def _cmd_compare(args) -> int:
+    from .quantize.compare import compare_bundles, write_report
+
+    comparison = compare_bundles(args.reference, args.candidate, args.images, args.prompts, args.max_new_tokens)
+    print(comparison.markdown(), end="", flush=True)
+    if args.json:
+        write_report(comparison, args.json)
+        print(f"wrote {args.json} and {Path(args.json).with_suffix('.md')}", file=sys.stderr)
+    return 0
+
+
 def _prompts(args) -> list[str]:
     from .runtime.tasks import build_prompt
 
     prompts = list(args.prompt or [])
     if args.task:
         prompts.insert(0, build_prompt(args.task, lang=args.lang, question=args.question, objects=args.objects))
-    elif args.question or args.objects:
-        raise InputError("--question and --objects go with --task (answer, detect or segment)")
+    elif args.question or args.objects or args.lang:
+        raise InputError("--lang, --question and --objects go with --task")
     if not prompts:
         raise InputError("give a --task or at least one --prompt")
     return prompts
 
 
 def _describe_objects(objects) -> list[str]:
+    from .runtime.parsing import Segmentation
+
     lines = []
     for item in objects:
         box = ", ".join(f"{v:.1f}" for v in item.box)
-        extra = f"  mask: {int(item.mask.sum())} px" if hasattr(item, "mask") else ""
+        extra = f"  mask: {int(item.mask.sum())} px" if isinstance(item, Segmentation) else ""
         lines.append(f"  {item.label}: [{box}]{extra}")
     return lines
 
@@ -101,8 +114,8 @@ def _cmd_run(args) -> int:
         top_p=args.top_p, seed=args.seed,
     )
     prompts = _prompts(args)
-    if args.draw and len(args.image) != 1:
-        raise InputError("--draw needs exactly one --image")
+    if args.draw:
+        _check_drawing_target(args.draw, len(args.image))
     pictures = [load_image(path) for path in args.image]
     found = []
     with load(args.bundle, backend=args.backend, verify=not args.no_verify, threads=args.threads) as model:
@@ -123,7 +136,7 @@ def _cmd_run(args) -> int:
             for index, result in enumerate(model.generate_batch(pictures, prompts, options)):
                 picture = pictures[0 if len(pictures) == 1 else index]
                 structured = model.structure(result, *picture.size)
-                objects = list(getattr(structured, "detections", None) or getattr(structured, "segmentations", ()))
+                objects = list(getattr(structured, "objects", ()))
                 found += objects
                 if args.json:
                     print(json.dumps(structured.to_dict()), flush=True)
@@ -134,6 +147,19 @@ def _cmd_run(args) -> int:
     if args.draw:
         _draw(pictures[0], found, args.draw)
     return 0
+
+
+def _check_drawing_target(path: str, images: int) -> None:
+    """Fail before generating, not after, when the drawing could not be written."""
+    from PIL import Image
+
+    if images != 1:
+        raise InputError("--draw needs exactly one --image")
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise InputError(f"{path}: cannot write the drawing (no such directory {target.parent})")
+    if target.suffix.lower() not in Image.registered_extensions():
+        raise InputError(f"{path}: cannot write the drawing (unknown image extension '{target.suffix}')")
 
 
 def _draw(picture, objects, path: str) -> None:
@@ -183,12 +209,22 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--force", action="store_true", help="replace an existing bundle at --output")
     quantize.set_defaults(handler=_cmd_quantize)
 
+    compare = commands.add_parser("compare", help="measure a candidate bundle against a reference on the same inputs")
+    compare.add_argument("reference", help="reference bundle, e.g. the fp32 export")
+    compare.add_argument("candidate", help="candidate bundle, e.g. its int4 quantization")
+    compare.add_argument("--images", required=True, metavar="DIR", help="directory of images to run")
+    compare.add_argument("--prompts", metavar="FILE",
+                         help="one prompt a line, optionally 'prompt<TAB>expected answer' (default: task prefixes)")
+    compare.add_argument("--max-new-tokens", type=_positive_int, default=32)
+    compare.add_argument("--json", metavar="OUT.json", help="write the results as JSON (and a .md table beside it)")
+    compare.set_defaults(handler=_cmd_compare)
+
     run = commands.add_parser("run", help="generate text for an image and prompt(s) from a bundle")
     run.add_argument("bundle", help="bundle directory")
     run.add_argument("--image", action="append", required=True,
                      help="image file; repeat to pair images one-to-one with prompts")
     run.add_argument("--task", choices=sorted(TASKS), help="a PaliGemma task prefix (see --lang, --question, --objects)")
-    run.add_argument("--lang", default="en", help="answer language for caption, describe and answer (default en)")
+    run.add_argument("--lang", help="answer language for caption, describe and answer (default en)")
     run.add_argument("--question", help="the question, for --task answer")
     run.add_argument("--objects", help="object names for detect/segment, separated by ';' (e.g. 'cat ; dog')")
     run.add_argument("--prompt", action="append",

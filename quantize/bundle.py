@@ -8,8 +8,10 @@ scale per row for int8 and int4 bundles (``keep_embeddings`` leaves it fp32).
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -83,6 +85,23 @@ def _io_specs(model: onnx.ModelProto, old: GraphSpec) -> tuple[tuple[TensorSpec,
         return TensorSpec(value.name, _ELEM_TYPES[tensor.elem_type], tuple(shape))
 
     return tuple(spec(v) for v in model.graph.input), tuple(spec(v) for v in model.graph.output)
+
+
+@contextmanager
+def _quiet_quantizers():
+    """onnxruntime.quantization logs advice and per-node skips at WARNING/INFO; our progress lines suffice."""
+    from onnxruntime.quantization import matmul_nbits_quantizer  # noqa: F401 - creates its logger
+
+    names = [""] + [n for n in logging.root.manager.loggerDict if n.startswith("onnxruntime")]
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _feeds_with(feeds: list[dict], constants: dict[str, np.ndarray]) -> list[dict]:
@@ -185,7 +204,7 @@ def quantize_bundle(source: str | Path, output: str | Path, options: QuantizeOpt
     def step(message: str) -> None:
         progress(f"[{time.perf_counter() - started:6.1f}s] {message}")
 
-    with staged_bundle(output, options.overwrite) as staging:
+    with staged_bundle(output, options.overwrite) as staging, _quiet_quantizers():
         run = _Quantizer(source, manifest, options, staging, step)
         needs_feeds = options.precision == "fp16" or options.int8_method == "static" and options.precision == "int8"
         recorded = run.calibration_set() if needs_feeds else calibration.CalibrationSet()

@@ -66,7 +66,8 @@ def measure_ranges(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -
     return maxima
 
 
-def nodes_out_of_range(model: onnx.ModelProto, maxima: dict[str, float], threshold: float = SAFE_MAX) -> RangeReport:
+def nodes_out_of_range(model: onnx.ModelProto, maxima: dict[str, float], threshold: float | None = None) -> RangeReport:
+    threshold = SAFE_MAX if threshold is None else threshold
     kept = [
         node for node in model.graph.node
         if any(maxima.get(name, 0.0) > threshold for name in (*node.input, *node.output) if name)

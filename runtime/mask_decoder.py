@@ -9,11 +9,12 @@ transposed convs ``decoder.4/6/8/10`` (kernel 4, stride 2, padding 1, each + ReL
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from .errors import BundleError, InputError
+from .errors import BundleError, InputError, first_line
 
 CODEBOOK = "_vq_vae._embedding"
 RESBLOCKS = ("decoder.2", "decoder.3")
@@ -72,16 +73,20 @@ class MaskDecoder:
     """Decodes seg-token indices to 64x64 mask logits (threshold at 0)."""
 
     def __init__(self, weights: dict[str, np.ndarray]):
+        check_weights(weights, "mask decoder weights")
         self.w = {name: np.asarray(value, dtype=np.float32) for name, value in weights.items()}
 
     @classmethod
     def from_npz(cls, path: str | Path) -> "MaskDecoder":
         path = Path(path)
         try:
-            with np.load(path) as data:
+            data = np.load(path)
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise ValueError("an .npy array, not an .npz archive")
+            with data:
                 weights = {name: data[name] for name in data.files}
-        except (OSError, ValueError) as exc:
-            raise InputError(f"{path}: not a readable .npz mask decoder ({exc})") from None
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise InputError(f"{path}: not a readable .npz mask decoder ({first_line(exc)})") from None
         check_weights(weights, path)
         return cls(weights)
 
@@ -91,7 +96,9 @@ class MaskDecoder:
 
     def __call__(self, indices: np.ndarray) -> np.ndarray:
         """indices [n, 16] in 0..127 -> mask logits [n, 64, 64]."""
-        indices = np.asarray(indices, dtype=np.int64).reshape(-1, SEG_TOKENS)
+        indices = np.asarray(indices, dtype=np.int64)
+        if indices.ndim != 2 or indices.shape[1] != SEG_TOKENS or indices.min(initial=0) < 0 or indices.max(initial=0) >= 128:
+            raise InputError(f"mask decoder takes [n, {SEG_TOKENS}] codebook indices in 0..127")
         w = self.w
         codes = w[CODEBOOK][indices].reshape(len(indices), 4, 4, -1).transpose(0, 3, 1, 2)
         x = _relu(_conv(codes, w["decoder.0.weight"], w["decoder.0.bias"]))

@@ -23,6 +23,7 @@ from .sampling import GenerationOptions
 from .tasks import build_prompt, result_kind
 
 TaskResult = Union[Generation, DetectionResult, SegmentationResult]
+_RESULT_TYPES = {"detections": DetectionResult, "segmentations": SegmentationResult}
 
 
 class PaliGemma:
@@ -158,22 +159,22 @@ class PaliGemma:
         if any(result_kind(p) == "segmentations" for p in prompts):
             self.mask_decoder()
 
+    def _parse(self, kind: str, text: str, width: int, height: int) -> list:
+        if kind == "detections":
+            return parse_detections(text, width, height)
+        return parse_segmentations(text, width, height, self.mask_decoder())
+
     def parse_answer(self, prompt: str, text: str, width: int, height: int) -> list | None:
         """Detections or segmentations in a detect/segment answer for a width x height image; None for text tasks."""
         kind = result_kind(prompt)
-        if kind == "detections":
-            return parse_detections(text, width, height)
-        if kind == "segmentations":
-            return parse_segmentations(text, width, height, self.mask_decoder())
-        return None
+        return None if kind == "text" else self._parse(kind, text, width, height)
 
     def structure(self, generation: Generation, width: int, height: int) -> TaskResult:
         """Wrap a detect/segment answer with its parsed objects; other answers pass through."""
-        found = self.parse_answer(generation.prompt, generation.text, width, height)
-        if found is None:
+        kind = result_kind(generation.prompt)
+        if kind == "text":
             return generation
-        wrapper = SegmentationResult if result_kind(generation.prompt) == "segmentations" else DetectionResult
-        return wrapper(generation, tuple(found))
+        return _RESULT_TYPES[kind](generation, tuple(self._parse(kind, generation.text, width, height)))
 
     def generate(self, image: ImageInput, prompt: str, options: GenerationOptions | None = None,
                  stream: bool = False) -> TaskResult | Iterator[TokenChunk]:
@@ -188,18 +189,18 @@ class PaliGemma:
         generation = self.generate_batch([picture], [prompt], options)[0]
         return self.structure(generation, *picture.size)
 
-    def caption(self, image: ImageInput, lang: str = "en", options: GenerationOptions | None = None,
+    def caption(self, image: ImageInput, lang: str | None = None, options: GenerationOptions | None = None,
                 stream: bool = False):
         return self.generate(image, build_prompt("caption", lang=lang), options, stream)
 
-    def describe(self, image: ImageInput, lang: str = "en", options: GenerationOptions | None = None,
+    def describe(self, image: ImageInput, lang: str | None = None, options: GenerationOptions | None = None,
                  stream: bool = False):
         return self.generate(image, build_prompt("describe", lang=lang), options, stream)
 
     def ocr(self, image: ImageInput, options: GenerationOptions | None = None, stream: bool = False):
         return self.generate(image, build_prompt("ocr"), options, stream)
 
-    def answer(self, image: ImageInput, question: str, lang: str = "en", options: GenerationOptions | None = None,
+    def answer(self, image: ImageInput, question: str, lang: str | None = None, options: GenerationOptions | None = None,
                stream: bool = False):
         return self.generate(image, build_prompt("answer", lang=lang, question=question), options, stream)
 

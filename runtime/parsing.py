@@ -18,10 +18,11 @@ from PIL import Image
 
 LOC_BINS = 1024
 SEG_CODES = 128
+SEG_TOKENS = 16
 
 _LOC = re.compile(r"<loc(\d{4})>")
 _SEG = re.compile(r"<seg(\d{3})>")
-_ENTRY = re.compile(r"^\s*((?:<loc\d{4}>){4})((?:<seg\d{3}>)*)\s*(.*?)\s*$", re.DOTALL)
+_ENTRY = re.compile(r"^\s*((?:<loc\d{4}>){4})\s*((?:<seg\d{3}>)*)\s*(.*?)\s*$", re.DOTALL)
 
 Box = tuple[float, float, float, float]
 
@@ -67,8 +68,10 @@ def parse_detections(text: str, width: int, height: int) -> list[Detection]:
 
 
 def paste_mask(logits: np.ndarray, box: Box, width: int, height: int) -> np.ndarray:
-    """Resize a 64x64 mask-logit map bilinearly onto the box and threshold at 0 -> bool [height, width]."""
-    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    """Resize a 64x64 mask-logit map bilinearly onto the box and threshold at 0 -> bool [height, width].
+
+    Box corners are truncated to whole pixels, as big_vision's segmentation evaluator does."""
+    x0, y0, x1, y1 = (int(v) for v in box)
     x0, x1 = max(0, min(x0, width - 1)), max(1, min(x1, width))
     y0, y1 = max(0, min(y0, height - 1)), max(1, min(y1, height))
     mask = np.zeros((height, width), dtype=bool)
@@ -88,7 +91,7 @@ def parse_segmentations(
     Entries without exactly 16 seg tokens in 0..127 are dropped.
     """
     entries = [(bins, segs, label) for bins, segs, label in _entries(text)
-               if len(segs) == 16 and max(segs) < SEG_CODES]
+               if len(segs) == SEG_TOKENS and max(segs) < SEG_CODES]
     if not entries:
         return []
     logits = mask_decoder(np.array([segs for _, segs, _ in entries], dtype=np.int64))

@@ -44,26 +44,35 @@ class TokenChunk:
 
 
 @dataclass(frozen=True)
-class DetectionResult:
+class _ParsedAnswer:
+    """A detect or segment answer: the generation and the objects parsed from it."""
+
     generation: Generation
-    detections: tuple[Detection, ...]
 
     @property
     def text(self) -> str:
         return self.generation.text
+
+
+@dataclass(frozen=True)
+class DetectionResult(_ParsedAnswer):
+    detections: tuple[Detection, ...]
+
+    @property
+    def objects(self) -> tuple[Detection, ...]:
+        return self.detections
 
     def to_dict(self) -> dict:
         return self.generation.to_dict() | {"detections": [detection_to_dict(d) for d in self.detections]}
 
 
 @dataclass(frozen=True)
-class SegmentationResult:
-    generation: Generation
+class SegmentationResult(_ParsedAnswer):
     segmentations: tuple[Segmentation, ...]
 
     @property
-    def text(self) -> str:
-        return self.generation.text
+    def objects(self) -> tuple[Segmentation, ...]:
+        return self.segmentations
 
     def to_dict(self) -> dict:
         return self.generation.to_dict() | {"segmentations": [segmentation_to_dict(s) for s in self.segmentations]}

@@ -46,34 +46,52 @@ TASKS = {
 }
 
 
+def _one_line(text: str, what: str) -> str:
+    if not isinstance(text, str):
+        raise InputError(f"{what} must be text, got {type(text).__name__}")
+    return " ".join(text.split())  # a prefix is one line: newlines and runs of spaces become one space
+
+
 def check_lang(lang: str) -> str:
-    if lang not in LANGUAGES:
+    if not isinstance(lang, str) or lang not in LANGUAGES:
         raise InputError(f"unknown language code '{lang}'; PaliGemma knows: {' '.join(sorted(LANGUAGES))}")
     return lang
 
 
 def split_objects(objects: str | Sequence[str]) -> list[str]:
     """A list of names, or one string of names separated by ';' -> cleaned names (at least one)."""
-    names = objects.split(";") if isinstance(objects, str) else list(objects)
-    cleaned = [str(n).strip() for n in names if str(n).strip()]
+    if isinstance(objects, str):
+        names = objects.split(";")
+    else:
+        names = list(objects)
+        if any(isinstance(n, str) and ";" in n for n in names):
+            raise InputError("object names cannot contain ';' (it separates objects)")
+    cleaned = [name for name in (_one_line(n, "an object name") for n in names) if name]
     if not cleaned:
         raise InputError("give at least one object name to detect or segment")
     return cleaned
 
 
-def build_prompt(task_name: str, lang: str = "en", question: str | None = None,
+def build_prompt(task_name: str, lang: str | None = None, question: str | None = None,
                  objects: str | Sequence[str] | None = None) -> str:
-    """The exact prefix string for a task, e.g. ``detect cat ; dog``."""
+    """The exact prefix string for a task, e.g. ``detect cat ; dog``; ``lang`` defaults to en.
+
+    An argument the task does not take is an error rather than silently ignored."""
     task = TASKS.get(task_name)
     if task is None:
         raise InputError(f"unknown task '{task_name}'; choose from: {', '.join(TASKS)}")
+    for given, used, flag in ((lang, task.uses_lang, "language"), (question, task.uses_question, "question"),
+                              (objects, task.uses_objects, "objects")):
+        if given is not None and not used:
+            raise InputError(f"the {task.name} task takes no {flag}")
     fields = {}
     if task.uses_lang:
-        fields["lang"] = check_lang(lang)
+        fields["lang"] = check_lang("en" if lang is None else lang)
     if task.uses_question:
-        if not question or not question.strip():
+        question = _one_line(question or "", "the question")
+        if not question:
             raise InputError("the answer task needs a question")
-        fields["question"] = question.strip()
+        fields["question"] = question
     if task.uses_objects:
         fields["objects"] = OBJECT_SEPARATOR.join(split_objects(objects or []))
     return task.template.format(**fields)

@@ -31,6 +31,8 @@ def seg(*codes: int) -> str:
     ("detect", {"objects": ["cat"]}, "detect cat"),
     ("detect", {"objects": ["cat", "red car"]}, "detect cat ; red car"),
     ("detect", {"objects": "cat ;dog; "}, "detect cat ; dog"),
+    ("answer", {"question": "what\nis  this"}, "answer en what is this"),
+    ("detect", {"objects": [" red\tcar "]}, "detect red car"),
     ("segment", {"objects": ["person", "dog"]}, "segment person ; dog"),
 ])
 def test_exact_prompt_strings(task, kwargs, expected):
@@ -48,6 +50,12 @@ def test_the_35_languages():
     ("detect", {"objects": []}, "at least one object"),
     ("segment", {"objects": " ; "}, "at least one object"),
     ("point", {}, "unknown task 'point'"),
+    ("detect", {"objects": ["cat;dog"]}, "cannot contain ';'"),
+    ("detect", {"objects": [None]}, "must be text"),
+    ("answer", {"question": 5}, "must be text"),
+    ("caption", {"lang": ["en"]}, "unknown language code"),
+    ("ocr", {"lang": "en"}, "takes no language"),
+    ("caption", {"question": "why"}, "takes no question"),
 ])
 def test_bad_task_arguments_are_input_errors(task, kwargs, message):
     with pytest.raises(InputError, match=message):
@@ -94,7 +102,8 @@ def test_segmentations_paste_masks_into_the_original_image():
     assert [s.label for s in found] == ["cat", "dog"]
     cat, dog = found
     assert cat.mask.shape == (100, 200) and cat.mask.dtype == bool
-    assert cat.mask[:50, :100].all() and not cat.mask[50:, :].any() and not cat.mask[:, 101:].any()
+    # Corners truncate to whole pixels like big_vision: 511/1023 of 200 x 100 -> x < 99, y < 49.
+    assert cat.mask[:49, :99].all() and not cat.mask[49:, :].any() and not cat.mask[:, 99:].any()
     assert not dog.mask.any()
 
 
@@ -108,6 +117,11 @@ def test_segmentations_paste_masks_into_the_original_image():
 def test_malformed_segmentations_are_dropped(bad):
     text = f"{bad} ; {loc(0, 0, 1023, 1023)}{seg(*[0] * 16)} good"
     assert [s.label for s in parse_segmentations(text, 64, 64, _square_decoder)] == ["good"]
+
+
+def test_whitespace_between_loc_and_seg_runs_is_accepted():
+    text = f"{loc(0, 0, 1023, 1023)} {seg(*[0] * 16)} cat"
+    assert [s.label for s in parse_segmentations(text, 10, 10, _square_decoder)] == ["cat"]
 
 
 def test_paste_mask_resizes_bilinearly_onto_the_box():

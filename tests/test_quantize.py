@@ -1,0 +1,188 @@
+"""fp16 / int8 / int4 bundles from the tiny fp32 bundles, and the compare report."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import paligemma_edge
+from paligemma_edge import GenerationOptions
+from paligemma_edge.quantize.calibration import DEFAULT_PROMPTS
+from paligemma_edge.runtime.manifest import read_manifest
+
+from .conftest import model_id, run_cli
+
+# name -> extra CLI arguments of `quantize`
+VARIANTS = {
+    "fp16": ["--precision", "fp16"],
+    "int8": ["--precision", "int8"],
+    "int4": ["--precision", "int4"],
+    "int8-static": ["--precision", "int8", "--int8-method", "static"],  # + --calibration (fixture)
+    "int4-fp16": ["--precision", "int4", "--int4-activations", "fp16"],
+    "fp16-io": ["--precision", "fp16", "--fp16-io"],
+    "int8-keep": ["--precision", "int8", "--keep-embeddings"],
+}
+MODELS = [(1, 28), (2, 28)]
+PROMPTS = ["caption en", "answer en what is the quick brown fox doing on the table today", "ocr"]
+WEIGHT_SUFFIXES = (".onnx", ".data", ".npy")
+
+
+@pytest.fixture(scope="session")
+def calibration_dir(images, workdir):
+    directory = workdir / "calibration"
+    directory.mkdir()
+    for image in images:
+        (directory / image.name).write_bytes(image.read_bytes())
+    (directory / "prompts.txt").write_text("caption en\nanswer en what is this\n")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def quantized(bundles, workdir, calibration_dir):
+    out = {}
+    for model in MODELS:
+        for name, args in VARIANTS.items():
+            target = workdir / f"{model_id(model)}-{name}"
+            extra = ["--calibration", str(calibration_dir)] if name == "int8-static" else []
+            run_cli("quantize", str(bundles[model]), "--output", str(target), *args, *extra, check=True)
+            out[model, name] = target
+    return out
+
+
+def weight_bytes(bundle) -> int:
+    return sum(p.stat().st_size for p in bundle.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
+
+
+def tokens(bundle, images, options=GenerationOptions(max_new_tokens=10)):
+    with paligemma_edge.load(bundle) as model:
+        return [r.token_ids for r in model.generate_batch([images[0]], PROMPTS, options)]
+
+
+@pytest.mark.parametrize("model", MODELS, ids=model_id)
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_each_variant_loads_and_generates(model, name, quantized, images):
+    bundle = quantized[model, name]
+    manifest = read_manifest(bundle)
+    with paligemma_edge.load(bundle) as runtime:
+        results = runtime.generate_batch([images[0]], PROMPTS, GenerationOptions(max_new_tokens=6))
+    assert all(len(r.token_ids) > 0 or r.finish_reason == "eos" for r in results)
+    precision = VARIANTS[name][1]
+    assert manifest.precision == precision
+    for graph in (manifest.vision_graph, manifest.decoder_graph):
+        assert graph.precision == precision and graph.quantization["method"]
+
+
+@pytest.mark.parametrize("model", MODELS, ids=model_id)
+def test_fp16_keeps_the_fp32_tokens(model, bundles, quantized, images):
+    reference = tokens(bundles[model], images)
+    assert tokens(quantized[model, "fp16"], images) == reference
+    assert tokens(quantized[model, "fp16-io"], images) == reference
+
+
+@pytest.mark.parametrize("model", MODELS, ids=model_id)
+def test_quantized_weights_are_smaller(model, bundles, quantized):
+    fp32 = weight_bytes(bundles[model])
+    assert weight_bytes(quantized[model, "int8"]) <= 0.45 * fp32
+    assert weight_bytes(quantized[model, "int4"]) <= 0.35 * fp32
+    assert weight_bytes(quantized[model, "fp16"]) <= 0.6 * fp32
+    assert weight_bytes(quantized[model, "int8-keep"]) > weight_bytes(quantized[model, "int8"])
+
+
+def test_manifest_records_methods_and_parameters(quantized):
+    int4 = read_manifest(quantized[(2, 28), "int4"])
+    assert int4.decoder_graph.quantization["block_size"] == 32 and int4.decoder_graph.quantization["bits"] == 4
+    assert int4.embedding.dtype == "int8" and int4.embedding.transposed and int4.embedding.scale_file
+    assert "embedding_scale" in int4.decoder_graph.input_names()
+    static = read_manifest(quantized[(2, 28), "int8-static"])
+    assert static.decoder_graph.quantization["method"] == "int8-static-qdq"
+    assert static.quantization["calibration"]["images"] == 3 and static.quantization["calibration"]["prompts"] == 2
+    assert read_manifest(quantized[(2, 28), "int8"]).decoder_graph.quantization["method"] == "int8-dynamic"
+    fp16 = read_manifest(quantized[(2, 28), "fp16"])
+    ranges = fp16.decoder_graph.quantization["ranges"]
+    assert {"max_abs_activation", "kept_in_fp32", "kept_ops", "threshold"} <= set(ranges)
+    assert fp16.embedding.dtype == "float16"
+    io = {t.name: t.dtype for t in fp16.decoder_graph.inputs}
+    assert io["inputs_embeds"] == "float32" and io["embedding"] == "float16"
+    io16 = {t.name: t.dtype for t in read_manifest(quantized[(2, 28), "fp16-io"]).decoder_graph.inputs}
+    assert io16["inputs_embeds"] == "float16" and io16["past_key_0"] == "float16"
+    keep = read_manifest(quantized[(2, 28), "int8-keep"])
+    assert keep.embedding.dtype == "float32" and keep.embedding.scale_file is None
+
+
+def test_int8_table_reconstructs_the_embedding(bundles, quantized):
+    source = np.load(bundles[(1, 28)] / "embedding.npy")
+    bundle = quantized[(1, 28), "int8"]
+    table, scales = np.load(bundle / "embedding.npy"), np.load(bundle / "embedding_scale.npy")
+    restored = table.T.astype(np.float32) * scales[:, None]
+    assert np.abs(restored - source).max() <= scales.max() / 2 + 1e-7
+
+
+def test_fp16_keeps_nodes_that_leave_the_range(bundles, tmp_path, monkeypatch, images):
+    """With the threshold lowered below the tiny model's activations, nodes are kept in fp32 and reported."""
+    from paligemma_edge.quantize import fp16
+    from paligemma_edge.quantize.bundle import QuantizeOptions, quantize_bundle
+
+    monkeypatch.setattr(fp16, "SAFE_MAX", 1.0)
+    manifest = quantize_bundle(bundles[(1, 28)], tmp_path / "fp16", QuantizeOptions(precision="fp16"))
+    ranges = manifest.decoder_graph.quantization["ranges"]
+    assert ranges["threshold"] == 1.0 and ranges["kept_in_fp32"] > 0 and ranges["kept_ops"]
+    assert tokens(tmp_path / "fp16", images) == tokens(bundles[(1, 28)], images)
+
+
+def test_compare_a_bundle_with_itself(bundles, workdir, calibration_dir, tmp_path):
+    out = tmp_path / "report.json"
+    bundle = str(bundles[(2, 28)])
+    result = run_cli("compare", bundle, bundle, "--images", str(calibration_dir), "--max-new-tokens", "6",
+                     "--json", str(out), check=True)
+    report = json.loads(out.read_text())
+    assert report["exact_match_rate"] == 1.0 and report["top1_agreement"] == 1.0
+    assert report["max_abs_logit_diff"] == 0.0 and report["mean_abs_logit_diff"] == 0.0
+    assert report["cases"] == 3 * len(DEFAULT_PROMPTS)  # no --prompts: PaliGemma's task prefixes
+    assert report["first_divergence_steps"] == [None] * report["cases"]
+    assert report["reference"]["weight_bytes"] == report["candidate"]["weight_bytes"] > 0
+    assert "| exact match of generated tokens | 100.0% |" in result.stdout
+    assert (tmp_path / "report.md").read_text() == result.stdout
+
+
+def test_compare_quantized_against_fp32(bundles, quantized, calibration_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("caption en\tno such answer\nocr\n")
+    out = tmp_path / "int4.json"
+    run_cli("compare", str(bundles[(2, 28)]), str(quantized[(2, 28), "int4"]), "--images", str(calibration_dir),
+            "--prompts", str(prompts), "--max-new-tokens", "6", "--json", str(out), check=True)
+    report = json.loads(out.read_text())
+    assert 0.0 <= report["exact_match_rate"] <= 1.0 and 0.0 <= report["top1_agreement"] <= 1.0
+    assert report["max_abs_logit_diff"] > 0 and report["mean_abs_logit_diff"] <= report["max_abs_logit_diff"]
+    assert report["reference"]["precision"] == "fp32" and report["candidate"]["precision"] == "int4"
+    assert report["candidate"]["weight_bytes"] < report["reference"]["weight_bytes"]
+    assert report["reference"]["accuracy"] == 0.0  # the one known answer is not what a random model says
+    diverged = [d for d in report["first_divergence_steps"] if d is not None]
+    assert all(0 <= d < 6 for d in diverged)
+
+
+def test_bad_quantize_input(bundles, quantized, tmp_path, images):
+    fp32 = str(bundles[(1, 28)])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    cases = [
+        (["quantize", fp32, "--precision", "int3", "-o", str(tmp_path / "a")], "invalid choice"),
+        (["quantize", str(quantized[(1, 28), "int8"]), "--precision", "fp16", "-o", str(tmp_path / "b")],
+         "already int8"),
+        (["quantize", str(quantized[(1, 28), "int8"]), "--precision", "int4", "-o", str(tmp_path / "c")],
+         "already int8"),
+        (["quantize", fp32, "--precision", "int8", "--int8-method", "static", "--calibration", str(empty),
+          "-o", str(tmp_path / "d")], "no images"),
+        (["quantize", fp32, "--precision", "int8", "--int8-method", "static", "-o", str(tmp_path / "e")],
+         "needs --calibration"),
+        (["quantize", fp32, "--precision", "int4", "--block-size", "24", "-o", str(tmp_path / "f")], "power of two"),
+        (["quantize", fp32, "--precision", "int8", "-o", fp32], "must differ from the source"),
+        (["compare", fp32, fp32, "--images", str(empty)], "no images"),
+    ]
+    for args, message in cases:
+        result = run_cli(*args)
+        last = result.stderr.strip().splitlines()[-1]
+        assert result.returncode == 2 and message in last and "Traceback" not in result.stderr, (args, result.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
