@@ -21,7 +21,8 @@ from ..runtime.preprocess import load_image
 from ..runtime.sampling import GenerationOptions
 from .calibration import DEFAULT_PROMPTS, images_in
 
-WEIGHT_SUFFIXES = (".onnx", ".data", ".npy", ".npz")
+# Model weights: graphs, external data, the embedding table (not the optional mask decoder).
+WEIGHT_SUFFIXES = (".onnx", ".data", ".npy")
 
 
 @dataclass(frozen=True)
