@@ -38,10 +38,17 @@ def test_task_methods_send_the_exact_prompt(method, args, prompt, bundles, image
         assert isinstance(result, DetectionResult) and isinstance(result.detections, tuple)
 
 
-def test_streaming_tasks_yield_the_same_tokens(bundles, images):
-    with paligemma_edge.load(bundles[(2, 28)]) as model:
-        streamed = [c.token_id for c in model.answer(images[0], "what is it", options=OPTIONS, stream=True)]
-        assert tuple(streamed) == model.answer(images[0], "what is it", options=OPTIONS).token_ids
+@pytest.mark.parametrize("method, args", [
+    ("caption", ()), ("describe", ()), ("ocr", ()), ("answer", ("what is it",)), ("detect", (["cat"],)),
+    ("segment", (["cat"],)),
+])
+def test_every_task_streams_the_same_tokens(method, args, segment_bundle, images):
+    with paligemma_edge.load(segment_bundle) as model:
+        chunks = list(getattr(model, method)(images[0], *args, options=OPTIONS, stream=True))
+        result = getattr(model, method)(images[0], *args, options=OPTIONS)
+    generation = getattr(result, "generation", result)
+    assert tuple(c.token_id for c in chunks) == generation.token_ids
+    assert "".join(c.text for c in chunks) == generation.text
 
 
 def test_bad_task_arguments_fail_before_any_work(bundles, images):
