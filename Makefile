@@ -7,11 +7,11 @@ DEMO := build/demo
 # torch is pinned to the CPU wheel this project is tested with (an open range pulls a CUDA build).
 TORCH := torch==2.13.0
 
-.PHONY: install install-runtime demo test clean
+.PHONY: install install-runtime demo test bench clean
 
 install:
 	$(PIP) install -q $(TORCH)
-	$(PIP) install -q -e ".[export,test]"
+	$(PIP) install -q -e ".[export,test,bench]"
 
 install-runtime:  # what a device needs: numpy, pillow, tokenizers, onnxruntime
 	$(PIP) install -q -e .
@@ -27,6 +27,9 @@ demo: install
 
 test: install
 	$(PYTHON) -m pytest -q
+
+bench: install  # the standard set: mid (minutes); the 3B architectures take far longer on a CPU
+	$(PYTHON) -m paligemma_edge bench --model mid --precision fp32,int8,int4
 
 clean:
 	rm -rf build .pytest_cache

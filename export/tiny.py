@@ -33,22 +33,32 @@ _CORPUS = [
 
 @dataclass(frozen=True)
 class TinySpec:
-    """Sizes of a tiny checkpoint; the defaults run in seconds on a CPU."""
+    """Sizes of a random checkpoint; the defaults (tiny) run in seconds on a CPU.
+
+    The benchmarks use the same builder for the real PaliGemma architectures."""
 
     family: int = 2
     image_size: int = 28
     patch_size: int = 14
     vision_hidden: int = 32
+    vision_intermediate: int | None = None  # default: 2 x hidden
     vision_layers: int = 2
+    vision_heads: int = 2
     text_hidden: int = 64
+    text_intermediate: int | None = None  # default: 2 x hidden
     text_layers: int = 3
     heads: int = 4
     kv_heads: int = 2
     head_dim: int = 16
     sliding_window: int = 8
+    vocab_rows: int | None = None  # default: the tokenizer's size, padded to a multiple of 64
     # At transformers' default init (0.02) a tiny decoder mostly echoes its last input token;
     # larger decoder weights make the greedy outputs varied, so parity tests can see a wrong token.
-    decoder_weight_std: float = 0.2
+    # None keeps transformers' init (the benchmarks: speed does not depend on values).
+    decoder_weight_std: float | None = 0.2
+    # Gemma 2's real 256 / 50 / 30 (query scale, attention and final softcaps); the tiny default
+    # uses values its small logits feel, so a missing softcap or a wrong scale changes them measurably.
+    real_softcaps: bool = False
     seed: int = 0
 
 
@@ -90,31 +100,30 @@ def build_checkpoint(output_dir: str | Path, spec: TinySpec = TinySpec()) -> Pat
         bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>", padding_side="left",
     )
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (*SPECIAL_TOKENS, IMAGE_TOKEN)}
-    vocab_rows = -(-len(tokenizer) // 64) * 64  # padded like PaliGemma's 257216-row table
+    vocab_rows = spec.vocab_rows or -(-len(tokenizer) // 64) * 64  # padded like PaliGemma's 257216-row table
 
     text_kwargs = dict(
-        hidden_size=spec.text_hidden, intermediate_size=2 * spec.text_hidden,
+        hidden_size=spec.text_hidden, intermediate_size=spec.text_intermediate or 2 * spec.text_hidden,
         num_hidden_layers=spec.text_layers, num_attention_heads=spec.heads,
         head_dim=spec.head_dim, vocab_size=vocab_rows,
         pad_token_id=ids["<pad>"], bos_token_id=ids["<bos>"], eos_token_id=ids["<eos>"],
     )
     if spec.family == 1:
-        text_config = GemmaConfig(num_key_value_heads=1, **text_kwargs)
+        text_config = GemmaConfig(num_key_value_heads=1, **text_kwargs)  # Gemma 2B: multi-query attention
         eos_ids: list[int] | int = ids["<eos>"]
     elif spec.family == 2:
+        scalar, attn_cap, final_cap = (256, 50.0, 30.0) if spec.real_softcaps else (spec.head_dim + 8, 2.0, 0.5)
         text_config = Gemma2Config(
             num_key_value_heads=spec.kv_heads, sliding_window=spec.sliding_window,
-            # Unlike the real 256 / 50 / 30, values that the tiny model's small logits feel: with the
-            # real ones a missing softcap or a wrong query scale would change nothing measurable.
-            query_pre_attn_scalar=spec.head_dim + 8, attn_logit_softcapping=2.0,
-            final_logit_softcapping=0.5, **text_kwargs,
+            query_pre_attn_scalar=scalar, attn_logit_softcapping=attn_cap, final_logit_softcapping=final_cap,
+            **text_kwargs,
         )
         eos_ids = [ids["<eos>"], ids["<end_of_turn>"]]
     else:
         raise ValueError(f"family must be 1 or 2, got {spec.family}")
     vision_config = SiglipVisionConfig(
-        hidden_size=spec.vision_hidden, intermediate_size=2 * spec.vision_hidden,
-        num_hidden_layers=spec.vision_layers, num_attention_heads=2,
+        hidden_size=spec.vision_hidden, intermediate_size=spec.vision_intermediate or 2 * spec.vision_hidden,
+        num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
         image_size=spec.image_size, patch_size=spec.patch_size, vision_use_head=False,
     )
     config = PaliGemmaConfig(
@@ -124,10 +133,11 @@ def build_checkpoint(output_dir: str | Path, spec: TinySpec = TinySpec()) -> Pat
     )
     torch.manual_seed(spec.seed)
     model = PaliGemmaForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for parameter in model.model.language_model.layers.parameters():
-            if parameter.dim() == 2:
-                parameter.normal_(0.0, spec.decoder_weight_std)
+    if spec.decoder_weight_std is not None:
+        with torch.no_grad():
+            for parameter in model.model.language_model.layers.parameters():
+                if parameter.dim() == 2:
+                    parameter.normal_(0.0, spec.decoder_weight_std)
     model.generation_config = GenerationConfig(
         bos_token_id=ids["<bos>"], eos_token_id=eos_ids, pad_token_id=ids["<pad>"], max_new_tokens=20,
     )

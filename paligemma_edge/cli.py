@@ -80,6 +80,26 @@ def _cmd_compare(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    try:
+        from .benchmarks.harness import BenchOptions, run_benchmark, write_reports
+    except ImportError as exc:
+        raise InputError(f"bench needs the 'export' extra ({exc.name} is missing): pip install 'paligemma-edge[export]'") from None
+    options = BenchOptions(
+        model=args.model, precisions=tuple(p.strip() for p in args.precision.split(",") if p.strip()),
+        backends=tuple(b.strip() for b in args.backend.split(",") if b.strip()),
+        baseline=None if args.baseline == "none" else args.baseline, runs=args.runs, new_tokens=args.new_tokens,
+        threads=args.threads, workdir=Path(args.workdir),
+    )
+    report = run_benchmark(options, progress=_progress)
+    for path in write_reports(report, Path(args.out_dir), Path(args.json) if args.json else None):
+        print(f"wrote {path}", file=sys.stderr)
+    from .benchmarks.harness import markdown
+
+    print(markdown(report), end="")
+    return 0
+
+
 def _prompts(args) -> list[str]:
     from .runtime.tasks import build_prompt
 
@@ -218,6 +238,20 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--max-new-tokens", type=_positive_int, default=32)
     compare.add_argument("--json", metavar="OUT.json", help="write the results as JSON (and a .md table beside it)")
     compare.set_defaults(handler=_cmd_compare)
+
+    bench = commands.add_parser("bench", help="latency, throughput, memory and size against transformers")
+    bench.add_argument("--model", required=True,
+                       help="tiny, mid, paligemma-3b-224, paligemma2-3b-224 (built with random weights) or a checkpoint path")
+    bench.add_argument("--precision", default="fp32,int8,int4", help="comma-separated: fp32,fp16,int8,int4")
+    bench.add_argument("--backend", default="onnxruntime", help="comma-separated runtime backends")
+    bench.add_argument("--baseline", default="transformers", choices=("transformers", "none"))
+    bench.add_argument("--runs", type=_positive_int, default=3, help="measured runs after a warm-up (median)")
+    bench.add_argument("--new-tokens", type=_positive_int, default=32)
+    bench.add_argument("--threads", type=_positive_int, help="threads for every row (default: all cores)")
+    bench.add_argument("--workdir", default="build/bench", help="where models and bundles are built and kept")
+    bench.add_argument("--out-dir", default="benchmarks/results", help="JSON, markdown table and PNG chart go here")
+    bench.add_argument("--json", metavar="OUT.json", help="write the JSON here instead of OUT-DIR/MODEL.json")
+    bench.set_defaults(handler=_cmd_bench)
 
     run = commands.add_parser("run", help="generate text for an image and prompt(s) from a bundle")
     run.add_argument("bundle", help="bundle directory")

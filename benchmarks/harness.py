@@ -1,0 +1,216 @@
+"""``paligemma-edge bench``: latency, throughput, memory and size per backend x precision, against transformers.
+
+Every row runs in a process of its own (benchmarks/worker.py), after a warm-up, and reports
+medians. In the same run: host memory bandwidth (a large array copy), so decode speed can be read
+as a fraction of its physical ceiling (weight bytes read per token / bandwidth), and the
+transformers baseline on the same image and prompt, with the ratios to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..runtime.errors import InputError, PaliGemmaEdgeError
+from .models import MODELS, build_model
+
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+PER_TOKEN_SUFFIXES = (".onnx", ".data", ".npy")  # decoder graph, its external data, the embedding table
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    model: str
+    precisions: tuple[str, ...] = ("fp32", "int8", "int4")
+    backends: tuple[str, ...] = ("onnxruntime",)
+    baseline: str | None = "transformers"
+    runs: int = 3
+    new_tokens: int = 32
+    threads: int | None = None
+    workdir: Path = Path("build/bench")
+
+    def __post_init__(self):
+        unknown = set(self.precisions) - set(PRECISIONS)
+        if unknown:
+            raise InputError(f"unknown precision(s) {', '.join(sorted(unknown))}; choose from {', '.join(PRECISIONS)}")
+        if self.baseline not in (None, "transformers"):
+            raise InputError(f"unknown baseline '{self.baseline}'; the baseline is transformers (or none)")
+        if self.runs < 1 or self.new_tokens < 2:
+            raise InputError("--runs must be >= 1 and --new-tokens >= 2")
+
+
+def memory_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
+    """Host memory bandwidth from a large array copy: (read + write bytes) / best time."""
+    src = np.ones(megabytes * (1 << 20) // 8, dtype=np.float64)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.nbytes / best / 1e9
+
+
+def machine_info(bandwidth: float) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 if hasattr(os, "sysconf") else None
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(memory, 1) if memory else None,
+        "platform": platform.platform(), "python": platform.python_version(),
+        "memory_bandwidth_gbs": round(bandwidth, 2),
+    }
+
+
+def _worker(args: list[str]) -> dict:
+    command = [sys.executable, "-m", "paligemma_edge.benchmarks.worker", *args]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        tail = result.stderr.strip().splitlines()[-1:] or ["no output"]
+        raise PaliGemmaEdgeError(f"benchmark worker {' '.join(args[:2])} failed: {tail[0]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _cli(args: list[str]) -> float:
+    """Run a paligemma-edge command (export, quantize), returning its wall time in seconds."""
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "paligemma_edge", *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise PaliGemmaEdgeError(f"paligemma-edge {args[0]} failed: {result.stderr.strip().splitlines()[-1]}")
+    return time.perf_counter() - start
+
+
+def _bytes(bundle: Path, decoder_only: bool) -> int:
+    files = [p for p in bundle.iterdir() if p.is_file()]
+    if decoder_only:
+        files = [p for p in files if p.name.endswith(PER_TOKEN_SUFFIXES) and not p.name.startswith("vision")]
+    return sum(p.stat().st_size for p in files)
+
+
+def run_benchmark(options: BenchOptions, progress: Progress = lambda message: None) -> dict:
+    workdir = Path(options.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    progress("measuring memory bandwidth")
+    bandwidth = memory_bandwidth_gbs()
+    progress(f"building or finding model {options.model}")
+    checkpoint = build_model(options.model, workdir)
+    name = options.model if options.model in MODELS else checkpoint.name
+    fp32 = workdir / f"{name}-fp32"
+    timings = {}
+    if not (fp32 / "manifest.json").is_file():
+        progress(f"exporting {checkpoint} -> {fp32}")
+        timings["fp32"] = {"export_s": _cli(["export", str(checkpoint), "-o", str(fp32), "--force"])}
+    bundles = {"fp32": fp32}
+    for precision in options.precisions:
+        if precision == "fp32":
+            continue
+        bundles[precision] = workdir / f"{name}-{precision}"
+        progress(f"quantizing to {precision}")
+        seconds = _cli(["quantize", str(fp32), "--precision", precision, "-o", str(bundles[precision]), "--force"])
+        timings[precision] = {"quantize_s": seconds}
+
+    threads = ["--threads", str(options.threads)] if options.threads else []
+    common = ["--runs", str(options.runs), "--new-tokens", str(options.new_tokens), *threads]
+    results = []
+    baseline = None
+    if options.baseline:
+        progress("running the transformers baseline")
+        baseline = _worker(["transformers", str(checkpoint), *common])
+        weights = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
+        baseline.update(backend="transformers", precision="fp32", bundle_mb=weights / 1e6)
+        results.append(baseline)
+    for backend in options.backends:
+        for precision in options.precisions:
+            progress(f"running {backend} {precision}")
+            row = _worker(["runtime", str(bundles[precision]), "--backend", backend, *common])
+            per_token = _bytes(bundles[precision], decoder_only=True)
+            ceiling = bandwidth * 1e9 / per_token
+            row.update(
+                backend=backend, precision=precision, bundle_mb=_bytes(bundles[precision], decoder_only=False) / 1e6,
+                weight_bytes_per_token=per_token, bandwidth_ceiling_tokens_per_s=ceiling,
+                percent_of_bandwidth_ceiling=100 * row["decode_tokens_per_s"] / ceiling, **timings.get(precision, {}),
+            )
+            if baseline:
+                row["vs_transformers"] = {
+                    "decode_speedup": row["decode_tokens_per_s"] / baseline["decode_tokens_per_s"],
+                    "ttft_ratio": row["ttft_ms"] / baseline["ttft_ms"],
+                    "peak_rss_ratio": row["peak_rss_mb"] / baseline["peak_rss_mb"],
+                }
+            results.append(row)
+    return {
+        "model": name, "description": MODELS[name].description if name in MODELS else str(checkpoint),
+        "machine": machine_info(bandwidth), "runs": options.runs, "new_tokens": options.new_tokens,
+        "threads": options.threads or os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "results": results,
+    }
+
+
+def markdown(report: dict) -> str:
+    machine = report["machine"]
+    lines = [
+        f"**{report['model']}** ({report['description']}) on {machine['cpu']}, {machine['cores']} cores, "
+        f"{machine['memory_gib']} GiB, {machine['memory_bandwidth_gbs']} GB/s copy bandwidth; {report['threads']} threads, "
+        f"medians of {report['runs']} runs, {report['new_tokens']} new tokens, {report['date']}.",
+        "",
+        "| backend | precision | vision ms | prefill ms | TTFT ms | decode tok/s | x transformers | % of bw ceiling | peak RSS MB | size MB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["results"]:
+        ratio = row.get("vs_transformers", {}).get("decode_speedup")
+        ceiling = row.get("percent_of_bandwidth_ceiling")
+        lines.append(
+            f"| {row['backend']} | {row['precision']} | {row['vision_ms']:.1f} | {row['prefill_ms']:.1f} | "
+            f"{row['ttft_ms']:.1f} | {row['decode_tokens_per_s']:.1f} | {'-' if ratio is None else f'{ratio:.2f}x'} | "
+            f"{'-' if ceiling is None else f'{ceiling:.0f}%'} | {row['peak_rss_mb']:.0f} | {row['bundle_mb']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def chart(report: dict, path: Path) -> Path | None:
+    """A bar chart of decode tokens/s and TTFT per row (PNG); None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    labels = [f"{r['backend']}\n{r['precision']}" for r in report["results"]]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    left.bar(labels, [r["decode_tokens_per_s"] for r in report["results"]], color="#2b6cb0")
+    left.set_title("decode tokens/s (higher is better)")
+    right.bar(labels, [r["ttft_ms"] for r in report["results"]], color="#c05621")
+    right.set_title("time to first token, ms (lower is better)")
+    for axis in (left, right):
+        axis.tick_params(axis="x", labelsize=8)
+    figure.suptitle(f"{report['model']} on {report['machine']['cpu']} ({report['threads']} threads)", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def write_reports(report: dict, out_dir: Path, json_path: Path | None = None) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"{report['model']}"
+    written = [json_path or stem.with_suffix(".json"), stem.with_suffix(".md")]
+    written[0].write_text(json.dumps(report, indent=2) + "\n")
+    written[1].write_text(markdown(report))
+    png = chart(report, stem.with_suffix(".png"))
+    return written + ([png] if png else [])

@@ -1,0 +1,133 @@
+"""One benchmark row, measured in a process of its own so that its peak memory is its own.
+
+    python -m paligemma_edge.benchmarks.worker runtime BUNDLE --backend onnxruntime [--runs 3] [--new-tokens 32]
+    python -m paligemma_edge.benchmarks.worker transformers CHECKPOINT [--runs 3] [--new-tokens 32]
+
+Prints one JSON object: vision_ms, prefill_ms, ttft_ms, decode_tokens_per_s (medians after a
+warm-up run), prompt_tokens, new_tokens, peak_rss_mb. End-of-sequence ids are ignored so every
+run decodes exactly --new-tokens tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROMPT = "caption en"
+
+
+def peak_rss_mb() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _sample_image():
+    from ..export.tiny import draw_scene
+
+    with tempfile.TemporaryDirectory() as scratch:
+        from PIL import Image
+
+        return Image.open(draw_scene(Path(scratch) / "scene.png")).copy()
+
+
+def _timed(function) -> tuple[float, object]:
+    start = time.perf_counter()
+    value = function()
+    return (time.perf_counter() - start) * 1000, value
+
+
+def measure_runtime(bundle: str, backend: str, runs: int, new_tokens: int, threads: int | None) -> dict:
+    import numpy as np
+
+    from ..runtime.generate import prefill
+    from ..runtime.model import load
+    from ..runtime.preprocess import preprocess
+    from ..runtime.sampling import GenerationOptions
+
+    image = _sample_image()
+    with load(bundle, backend=backend, verify=False, threads=threads) as model:
+        model.manifest = dataclasses.replace(model.manifest, tokens=dataclasses.replace(model.manifest.tokens, eos=()))
+        model.feature_cache.max_entries = 0  # every run encodes the image
+        pixels = preprocess([image], model.manifest.image)
+        batch = model.tokenizer.batch([PROMPT])
+        options = GenerationOptions(max_new_tokens=new_tokens)
+        vision, prefills, ttfts, decode = [], [], [], []
+        for run in range(runs + 1):  # the first run warms up
+            vision_ms, embeds = _timed(lambda: model.backend.encode_images(pixels))
+            prefill_ms, _ = _timed(lambda: prefill(model.backend, model.manifest.decoder, batch, embeds))
+            result = model.generate_batch([image], [PROMPT], options)[0]
+            if run:
+                vision.append(vision_ms)
+                prefills.append(prefill_ms)
+                ttfts.append(result.timings.time_to_first_token_ms)
+                decode.append(result.timings.decode_tokens_per_s)
+        generated = len(result.token_ids)
+        prompt_tokens = int(np.sum(batch.valid))
+    return {
+        "vision_ms": statistics.median(vision), "prefill_ms": statistics.median(prefills),
+        "ttft_ms": statistics.median(ttfts), "decode_tokens_per_s": statistics.median(decode),
+        "prompt_tokens": prompt_tokens, "new_tokens": generated, "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def measure_transformers(checkpoint: str, runs: int, new_tokens: int, threads: int | None) -> dict:
+    import torch
+    from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
+
+    if threads:
+        torch.set_num_threads(threads)
+    processor = AutoProcessor.from_pretrained(checkpoint, backend="pil")
+    model = PaliGemmaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    inputs = processor(images=[_sample_image()], text=[f"<image>{PROMPT}"], return_tensors="pt")
+    inputs.pop("labels", None)
+    generate = dict(do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)  # min_new_tokens holds eos off
+    vision, ttfts, decode = [], [], []
+    with torch.inference_mode():
+        for run in range(runs + 1):
+            vision_ms, _ = _timed(lambda: model.model.get_image_features(inputs["pixel_values"]))
+            ttft_ms, _ = _timed(lambda: model.generate(**inputs, max_new_tokens=1, min_new_tokens=1, **generate))
+            total_ms, out = _timed(lambda: model.generate(
+                **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **generate))
+            if run:
+                vision.append(vision_ms)
+                ttfts.append(ttft_ms)
+                decode.append((new_tokens - 1) / ((total_ms - ttft_ms) / 1000))
+    return {
+        "vision_ms": statistics.median(vision), "prefill_ms": statistics.median(ttfts) - statistics.median(vision),
+        "ttft_ms": statistics.median(ttfts), "decode_tokens_per_s": statistics.median(decode),
+        "prompt_tokens": int(inputs["input_ids"].shape[1]), "new_tokens": int(out.shape[1] - inputs["input_ids"].shape[1]),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("kind", choices=("runtime", "transformers"))
+    parser.add_argument("path")
+    parser.add_argument("--backend", default="onnxruntime")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int)
+    args = parser.parse_args(argv)
+    if args.kind == "runtime":
+        row = measure_runtime(args.path, args.backend, args.runs, args.new_tokens, args.threads)
+    else:
+        row = measure_transformers(args.path, args.runs, args.new_tokens, args.threads)
+    json.dump(row, sys.stdout)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
