@@ -19,17 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..runtime.memory import peak_rss_mb
+
 PROMPT = "caption en"
-
-
-def peak_rss_mb() -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 def _sample_image():

@@ -8,6 +8,7 @@ keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -39,33 +40,35 @@ def _progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _cmd_export(args) -> int:
+def _with_export_extra(command: str, module: str):
+    """Import a module that needs the 'export' extra (torch, transformers, onnx), or say what to install."""
     try:
-        from .export.bundle import ExportOptions, export_bundle
+        return importlib.import_module(module, __package__)
     except ImportError as exc:
         raise InputError(
-            f"export needs the 'export' extra ({exc.name} is missing): pip install 'paligemma-edge[export]'"
+            f"{command} needs the 'export' extra ({exc.name} is missing): pip install 'paligemma-edge[export]'"
         ) from None
-    options = ExportOptions(
+
+
+def _cmd_export(args) -> int:
+    export = _with_export_extra("export", ".export.bundle")
+    options = export.ExportOptions(
         max_seq_len=args.max_seq_len, tolerance=args.tolerance, overwrite=args.force,
         mask_decoder=Path(args.mask_decoder) if args.mask_decoder else None,
     )
-    export_bundle(args.model, args.output, options, progress=_progress)
+    export.export_bundle(args.model, args.output, options, progress=_progress)
     return 0
 
 
 def _cmd_quantize(args) -> int:
-    try:
-        from .quantize.bundle import QuantizeOptions, quantize_bundle
-    except ImportError as exc:
-        raise InputError(f"quantize needs the 'export' extra ({exc.name} is missing): pip install 'paligemma-edge[export]'") from None
-    options = QuantizeOptions(
+    quantize = _with_export_extra("quantize", ".quantize.bundle")
+    options = quantize.QuantizeOptions(
         precision=args.precision, int8_method=args.int8_method,
         calibration=Path(args.calibration) if args.calibration else None, block_size=args.block_size,
         int4_activations=args.int4_activations, keep_embeddings=args.keep_embeddings, fp16_io=args.fp16_io,
         overwrite=args.force,
     )
-    quantize_bundle(args.bundle, args.output, options, progress=_progress)
+    quantize.quantize_bundle(args.bundle, args.output, options, progress=_progress)
     return 0
 
 
@@ -81,22 +84,17 @@ def _cmd_compare(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    try:
-        from .benchmarks.harness import BenchOptions, run_benchmark, write_reports
-    except ImportError as exc:
-        raise InputError(f"bench needs the 'export' extra ({exc.name} is missing): pip install 'paligemma-edge[export]'") from None
-    options = BenchOptions(
+    harness = _with_export_extra("bench", ".benchmarks.harness")
+    options = harness.BenchOptions(
         model=args.model, precisions=tuple(p.strip() for p in args.precision.split(",") if p.strip()),
         backends=tuple(b.strip() for b in args.backend.split(",") if b.strip()),
         baseline=None if args.baseline == "none" else args.baseline, runs=args.runs, new_tokens=args.new_tokens,
         threads=args.threads, workdir=Path(args.workdir),
     )
-    report = run_benchmark(options, progress=_progress)
-    for path in write_reports(report, Path(args.out_dir), Path(args.json) if args.json else None):
+    report = harness.run_benchmark(options, progress=_progress)
+    for path in harness.write_reports(report, Path(args.out_dir), Path(args.json) if args.json else None):
         print(f"wrote {path}", file=sys.stderr)
-    from .benchmarks.harness import markdown
-
-    print(markdown(report), end="")
+    print(harness.markdown(report), end="")
     return 0
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..runtime.errors import InputError
 from ..runtime.generate import decode_step, prefill
+from ..runtime.memory import peak_rss_mb, reset_peak_rss
 from ..runtime.model import PaliGemma, load
 from ..runtime.preprocess import load_image
 from ..runtime.sampling import GenerationOptions
@@ -98,24 +99,6 @@ def read_cases(prompts_file: Path | None) -> list[Case]:
     return cases
 
 
-def _peak_rss_reset() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: restart the VmHWM high-water mark
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_mb() -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
 def _sizes(bundle: Path) -> tuple[int, int]:
     files = [p for p in bundle.iterdir() if p.is_file()]
     return sum(p.stat().st_size for p in files), sum(p.stat().st_size for p in files if p.name.endswith(WEIGHT_SUFFIXES))
@@ -124,11 +107,11 @@ def _sizes(bundle: Path) -> tuple[int, int]:
 def _free_run(bundle: Path, inputs, options) -> tuple[list[tuple[int, ...]], BundleStats]:
     """Greedy generation on every (image, case) with this bundle alone, measuring its peak memory."""
     gc.collect()
-    measured = _peak_rss_reset()
+    measured = reset_peak_rss()
     with load(bundle) as model:
         results = [model.generate_batch([image], [case.prompt], options)[0] for image, case in inputs]
         precision = model.manifest.precision
-    peak = _peak_rss_mb() if measured else None
+    peak = peak_rss_mb() if measured else None
     known = [(r.text.strip(), c.expected) for r, (_, c) in zip(results, inputs) if c.expected is not None]
     accuracy = sum(text == want for text, want in known) / len(known) if known else None
     size, weights = _sizes(bundle)
