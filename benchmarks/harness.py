@@ -41,6 +41,13 @@ class BenchOptions:
     workdir: Path = Path("build/bench")
 
     def __post_init__(self):
+        from ..runtime.backends.base import BACKENDS
+
+        if self.model not in MODELS and not (Path(self.model) / "config.json").is_file():
+            raise InputError(f"--model {self.model}: not one of {', '.join(MODELS)} nor a checkpoint directory")
+        for backend in self.backends:
+            if backend not in BACKENDS:
+                raise InputError(f"unknown backend '{backend}'; choose from: {', '.join(sorted(BACKENDS))}")
         unknown = set(self.precisions) - set(PRECISIONS)
         if unknown:
             raise InputError(f"unknown precision(s) {', '.join(sorted(unknown))}; choose from {', '.join(PRECISIONS)}")
@@ -51,7 +58,10 @@ class BenchOptions:
 
 
 def memory_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
-    """Host memory bandwidth from a large array copy: (read + write bytes) / best time."""
+    """Host memory bandwidth from a large array copy: (read + write bytes) / best time.
+
+    numpy copies on one thread; several cores together may reach more, so the "% of ceiling"
+    figures are an upper bound on how close decoding gets to the hardware's limit."""
     src = np.ones(megabytes * (1 << 20) // 8, dtype=np.float64)
     dst = np.empty_like(src)
     best = float("inf")
@@ -79,22 +89,24 @@ def machine_info(bandwidth: float) -> dict:
     }
 
 
-def _worker(args: list[str]) -> dict:
-    command = [sys.executable, "-m", "paligemma_edge.benchmarks.worker", *args]
-    result = subprocess.run(command, capture_output=True, text=True)
+def _subprocess(module: str, args: list[str]) -> tuple[str, float]:
+    """Run ``python -m module args``; returns its stdout and wall seconds, or fails with its last error line."""
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True)
     if result.returncode != 0:
-        tail = result.stderr.strip().splitlines()[-1:] or ["no output"]
-        raise PaliGemmaEdgeError(f"benchmark worker {' '.join(args[:2])} failed: {tail[0]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+        last = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}, no message"])[-1]
+        raise PaliGemmaEdgeError(f"{module} {' '.join(args[:2])} failed: {last}")
+    return result.stdout, time.perf_counter() - start
+
+
+def _worker(args: list[str]) -> dict:
+    stdout, _ = _subprocess("paligemma_edge.benchmarks.worker", args)
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def _cli(args: list[str]) -> float:
     """Run a paligemma-edge command (export, quantize), returning its wall time in seconds."""
-    start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "paligemma_edge", *args], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise PaliGemmaEdgeError(f"paligemma-edge {args[0]} failed: {result.stderr.strip().splitlines()[-1]}")
-    return time.perf_counter() - start
+    return _subprocess("paligemma_edge", args)[1]
 
 
 def _bytes(bundle: Path, decoder_only: bool) -> int:
@@ -207,10 +219,13 @@ def chart(report: dict, path: Path) -> Path | None:
 
 
 def write_reports(report: dict, out_dir: Path, json_path: Path | None = None) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"{report['model']}"
     written = [json_path or stem.with_suffix(".json"), stem.with_suffix(".md")]
-    written[0].write_text(json.dumps(report, indent=2) + "\n")
-    written[1].write_text(markdown(report))
-    png = chart(report, stem.with_suffix(".png"))
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        written[0].write_text(json.dumps(report, indent=2) + "\n")
+        written[1].write_text(markdown(report))
+        png = chart(report, stem.with_suffix(".png"))
+    except OSError as exc:
+        raise InputError(f"cannot write the benchmark report ({exc})") from None
     return written + ([png] if png else [])

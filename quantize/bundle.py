@@ -81,7 +81,8 @@ def _io_specs(model: onnx.ModelProto, old: GraphSpec) -> tuple[tuple[TensorSpec,
 
     def spec(value) -> TensorSpec:
         tensor = value.type.tensor_type
-        shape = dims.get(value.name) or tuple(d.dim_param or d.dim_value for d in tensor.shape.dim)
+        old = dims.get(value.name, ())
+        shape = [d.dim_param or d.dim_value or (old[i] if i < len(old) else 0) for i, d in enumerate(tensor.shape.dim)]
         return TensorSpec(value.name, _ELEM_TYPES[tensor.elem_type], tuple(shape))
 
     return tuple(spec(v) for v in model.graph.input), tuple(spec(v) for v in model.graph.output)
@@ -90,7 +91,9 @@ def _io_specs(model: onnx.ModelProto, old: GraphSpec) -> tuple[tuple[TensorSpec,
 @contextmanager
 def _quiet_quantizers():
     """onnxruntime.quantization logs advice and per-node skips at WARNING/INFO; our progress lines suffice."""
-    from onnxruntime.quantization import matmul_nbits_quantizer  # noqa: F401 - creates its logger
+    root = logging.getLogger()
+    saved = (root.level, list(root.handlers))
+    from onnxruntime.quantization import matmul_nbits_quantizer  # noqa: F401 - it calls logging.basicConfig
 
     names = [""] + [n for n in logging.root.manager.loggerDict if n.startswith("onnxruntime")]
     loggers = [logging.getLogger(n) for n in names]
@@ -102,6 +105,8 @@ def _quiet_quantizers():
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
+        root.setLevel(saved[0])
+        root.handlers[:] = saved[1]
 
 
 def _feeds_with(feeds: list[dict], constants: dict[str, np.ndarray]) -> list[dict]:
@@ -150,8 +155,8 @@ class _Quantizer:
         exclude: list[str] = []
         if lm_head_int8:
             exclude = embedding.int8_lm_head(model)
-        elif name == "decoder":
-            exclude = [embedding.lm_head_node(model).name]  # the head stays at the table's precision
+        elif name == "decoder" and options.precision != "fp16":
+            exclude = [embedding.lm_head_node(model).name]  # the head stays at the table's (fp32) precision
         if options.precision == "fp16":
             model, params = self._fp16(name, model, feeds, exclude)
         elif options.precision == "int8" and options.int8_method == "static":
@@ -170,9 +175,11 @@ class _Quantizer:
         return GraphSpec(spec.file, inputs, outputs, options.precision, external, params)
 
     def _fp32_io(self, model: onnx.ModelProto) -> list[str]:
-        """Graph I/O that stays fp32: all float I/O but the embedding table, unless fp16 I/O was asked for."""
-        names = [v.name for v in (*model.graph.input, *model.graph.output) if v.name != "embedding"]
-        return [] if self.options.fp16_io else names
+        """Graph I/O that stays fp32 in an fp16 conversion: everything unless --fp16-io, never the per-token
+        scales, and the embedding table unless the table itself is fp16 (the fp16 precision)."""
+        keep = {embedding.SCALE_INPUT} | ({"embedding"} if self.options.precision != "fp16" else set())
+        names = [v.name for v in (*model.graph.input, *model.graph.output)]
+        return [n for n in names if n in keep or (not self.options.fp16_io and n != "embedding")]
 
     def _fp16(self, name, model, feeds, exclude):
         maxima = fp16.measure_ranges(model, feeds)
@@ -184,17 +191,27 @@ class _Quantizer:
         return converted, params
 
 
+def _smoke_test(bundle: Path) -> None:
+    """Load the staged bundle with the runtime and generate two tokens: a bundle that cannot run is not written."""
+    from ..runtime.model import load
+    from ..runtime.sampling import GenerationOptions
+
+    with load(bundle, verify=False) as model:
+        model.generate_batch(calibration.synthetic_images(count=1), [calibration.DEFAULT_PROMPTS[0]],
+                             GenerationOptions(max_new_tokens=2))
+
+
 def quantize_bundle(source: str | Path, output: str | Path, options: QuantizeOptions,
                     progress: Progress = lambda message: None) -> Manifest:
     """Quantize the fp32 bundle SOURCE into a new bundle OUTPUT (SOURCE is left untouched)."""
-    source, output = Path(source), Path(output).absolute()
+    source, output = Path(source), Path(output).resolve()
     if not source.is_dir():
         raise InputError(f"{source}: no such bundle directory")
     manifest = read_manifest(source)
     if manifest.precision != "fp32":
         raise InputError(f"{source} is already {manifest.precision}; quantize starts from the fp32 bundle export wrote")
     verify_files(source, manifest)
-    if source.absolute() == output:
+    if source.resolve() == output:
         raise InputError("--output must differ from the source bundle (the source is left untouched)")
     check_output(output, options.overwrite)
     if options.calibration is not None:
@@ -228,8 +245,10 @@ def quantize_bundle(source: str | Path, output: str | Path, options: QuantizeOpt
         result = replace(
             manifest, precision=options.precision, vision_graph=vision, decoder_graph=decoder, embedding=embedding_spec,
             versions=manifest.versions | {f"quantize:{k}": v for k, v in package_versions(QUANTIZE_PACKAGES).items()},
-            quantization=run.report,
+            quantization=run.report | {"source_validation": manifest.validation}, validation={},
         )
         result = write_manifest(staging, result)
+        step("checking that the runtime loads and runs the new bundle")
+        _smoke_test(staging)
     step(f"wrote {options.precision} bundle {output}")
     return result

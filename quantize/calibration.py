@@ -18,7 +18,8 @@ from ..runtime.sampling import GenerationOptions
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 DEFAULT_PROMPTS = ["caption en", "describe en", "ocr", "answer en what is in the image", "detect object"]
-DECODE_STEPS = 8
+# Decode feeds carry the whole KV cache: a few steps per prompt keep a 3B model's feeds bounded.
+DECODE_STEPS = 2
 
 
 @dataclass
@@ -97,7 +98,8 @@ def record(bundle: Path, images: list, prompts: list[str], decode_steps: int = D
         backend = model.backend
         backend.vision = _Recorder(backend.vision, recorded.vision)
         backend.decoder = _Recorder(backend.decoder, recorded.decoder)
-        options = GenerationOptions(max_new_tokens=decode_steps)
+        options = GenerationOptions(max_new_tokens=decode_steps + 1)
         for image in images:
-            model.generate_batch([image], prompts, options)
+            for prompt in prompts:  # one at a time: a batch would multiply each feed's KV cache
+                model.generate_batch([image], [prompt], options)
     return recorded

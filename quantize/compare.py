@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..runtime.errors import InputError
+from ..runtime.manifest import read_manifest
 from ..runtime.generate import decode_step, prefill
 from ..runtime.memory import peak_rss_mb, reset_peak_rss
 from ..runtime.model import PaliGemma, load
@@ -118,9 +119,28 @@ def _free_run(bundle: Path, inputs, options) -> tuple[list[tuple[int, ...]], Bun
     return [r.token_ids for r in results], BundleStats(str(bundle), precision, size, weights, peak, accuracy)
 
 
-def _teacher_forced(reference: PaliGemma, candidate: PaliGemma, image, prompt: str, steps: int):
-    """Both bundles fed the reference's greedy tokens: (top-1 hits, steps, abs logit deltas)."""
-    hits, deltas = 0, []
+@dataclass
+class _DeltaStats:
+    """Running statistics of |delta logit| (no per-step arrays kept)."""
+
+    maximum: float = 0.0
+    total: float = 0.0
+    count: int = 0
+
+    def add(self, delta: np.ndarray) -> None:
+        self.maximum = max(self.maximum, float(delta.max()))
+        self.total += float(delta.sum(dtype=np.float64))
+        self.count += delta.size
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.count if self.count else 0.0
+
+
+def _teacher_forced(reference: PaliGemma, candidate: PaliGemma, image, prompt: str, steps: int,
+                    deltas: _DeltaStats) -> tuple[int, int]:
+    """Both bundles fed the reference's greedy tokens: (top-1 hits, steps); |delta logit| into ``deltas``."""
+    hits = count = 0
     states = []
     for model in (reference, candidate):
         batch = model.tokenizer.batch([prompt])
@@ -132,17 +152,23 @@ def _teacher_forced(reference: PaliGemma, candidate: PaliGemma, image, prompt: s
     for index in range(budget):
         token = int(np.argmax(ref_logits[0]))
         hits += int(np.argmax(cand_logits[0]) == token)
-        deltas.append(np.abs(ref_logits[0] - cand_logits[0]))
+        count += 1
+        deltas.add(np.abs(ref_logits[0] - cand_logits[0]))
         if token in eos or index == budget - 1:
             break
         ref_logits = decode_step(ref_model.backend, ref_model.manifest.decoder, ref_state, np.array([token]))
         cand_logits = decode_step(cand_model.backend, cand_model.manifest.decoder, cand_state, np.array([token]))
-    return hits, len(deltas), deltas
+    return hits, count
 
 
 def compare_bundles(reference: str | Path, candidate: str | Path, images_dir: str | Path,
                     prompts_file: str | Path | None = None, max_new_tokens: int = 32) -> Comparison:
     reference, candidate = Path(reference), Path(candidate)
+    manifests = [read_manifest(b) if b.is_dir() else None for b in (reference, candidate)]
+    if None in manifests:
+        raise InputError(f"{reference if manifests[0] is None else candidate}: no such bundle directory")
+    if manifests[0].decoder.vocab_size != manifests[1].decoder.vocab_size:
+        raise InputError("the two bundles have different vocabularies: not the same model")
     pictures = [load_image(p) for p in images_in(Path(images_dir))]
     cases = read_cases(Path(prompts_file) if prompts_file else None)
     inputs = [(image, case) for image in pictures for case in cases]
@@ -158,20 +184,16 @@ def compare_bundles(reference: str | Path, candidate: str | Path, images_dir: st
             divergence.append(next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs))))
 
     hits = total = 0
-    deltas: list[np.ndarray] = []
+    deltas = _DeltaStats()
     with load(reference, verify=False) as ref_model, load(candidate, verify=False) as cand_model:
-        if ref_model.manifest.decoder.vocab_size != cand_model.manifest.decoder.vocab_size:
-            raise InputError("the two bundles have different vocabularies: not the same model")
         for image, case in inputs:
-            case_hits, case_steps, case_deltas = _teacher_forced(ref_model, cand_model, image, case.prompt, max_new_tokens)
+            case_hits, case_steps = _teacher_forced(ref_model, cand_model, image, case.prompt, max_new_tokens, deltas)
             hits, total = hits + case_hits, total + case_steps
-            deltas += case_deltas
-    stacked = np.concatenate([d.ravel() for d in deltas]) if deltas else np.zeros(1)
     return Comparison(
         reference=ref_stats, candidate=cand_stats, cases=len(inputs),
         exact_match_rate=sum(d is None for d in divergence) / len(inputs), first_divergence_steps=divergence,
-        top1_agreement=hits / total if total else 1.0, max_abs_logit_diff=float(stacked.max()),
-        mean_abs_logit_diff=float(stacked.mean()), max_new_tokens=max_new_tokens,
+        top1_agreement=hits / total if total else 1.0, max_abs_logit_diff=deltas.maximum,
+        mean_abs_logit_diff=deltas.mean, max_new_tokens=max_new_tokens,
     )
 
 

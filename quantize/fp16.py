@@ -55,10 +55,13 @@ def measure_ranges(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -
     session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     input_names = {i.name for i in session.get_inputs()}
-    maxima: dict[str, float] = {name: 0.0 for name in list(floats)}
+    maxima: dict[str, float] = {name: 0.0 for name in floats}
+    seen_inputs: set[int] = set()
     for feed in feeds:
         for name, value in feed.items():
-            if name in maxima and value.dtype == np.float32 and value.size:
+            # The same array object in every feed (the embedding table) is measured once.
+            if name in maxima and value.dtype == np.float32 and value.size and id(value) not in seen_inputs:
+                seen_inputs.add(id(value))
                 maxima[name] = max(maxima[name], float(np.abs(value).max()))
         for name, value in zip(names, session.run(names, {k: v for k, v in feed.items() if k in input_names})):
             if name in maxima and np.issubdtype(value.dtype, np.floating) and value.size:

@@ -34,13 +34,17 @@ class _Feeds:
     """onnxruntime's CalibrationDataReader protocol over recorded feeds."""
 
     def __init__(self, feeds: list[dict[str, np.ndarray]]):
-        self._feeds = iter(feeds)
+        self._feeds = feeds
+        self._next = 0
 
     def get_next(self):
-        return next(self._feeds, None)
+        if self._next >= len(self._feeds):
+            return None
+        self._next += 1
+        return self._feeds[self._next - 1]
 
-    def rewind(self):  # some onnxruntime versions call it between passes
-        pass
+    def rewind(self):  # some onnxruntime versions call it between calibration passes
+        self._next = 0
 
 
 def int8_static(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], exclude: list[str]

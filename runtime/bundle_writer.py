@@ -54,13 +54,17 @@ def _staging_dir(output: Path) -> Path:
 
 
 def _move_into_place(staging: Path, output: Path) -> None:
-    if output.exists():
-        trash = output.with_name(f".{output.name}.old-{int(time.time())}")
-        output.rename(trash)
+    if not output.exists():
         staging.rename(output)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
+        return
+    trash = output.with_name(f".{output.name}.old-{int(time.time())}")
+    output.rename(trash)
+    try:
         staging.rename(output)
+    except BaseException:
+        trash.rename(output)  # put the previous bundle back
+        raise
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 @contextmanager

@@ -186,3 +186,28 @@ def test_bad_quantize_input(bundles, quantized, tmp_path, images):
         last = result.stderr.strip().splitlines()[-1]
         assert result.returncode == 2 and message in last and "Traceback" not in result.stderr, (args, result.stderr)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
+@pytest.mark.parametrize("extra", [["--keep-embeddings"], ["--fp16-io"]])
+def test_int4_fp16_activations_with_other_options(extra, bundles, tmp_path, images):
+    target = tmp_path / "bundle"
+    run_cli("quantize", str(bundles[(2, 28)]), "--precision", "int4", "--int4-activations", "fp16", *extra,
+            "-o", str(target), check=True)
+    manifest = read_manifest(target)
+    io = {t.name: t.dtype for t in manifest.decoder_graph.inputs}
+    assert io["embedding"] == manifest.embedding.dtype
+    assert len(tokens(target, images)[0]) > 0
+
+
+def test_fp16_head_reads_the_fp16_table_without_a_cast(quantized):
+    import onnx
+
+    decoder = onnx.load(str(quantized[(1, 28), "fp16"] / "decoder.onnx"))
+    assert not [n for n in decoder.graph.node if n.op_type == "Cast" and "embedding" in n.input]
+
+
+def test_quantize_leaves_the_source_alone_however_it_is_spelled(bundles, tmp_path):
+    source = bundles[(1, 28)]
+    result = run_cli("quantize", str(source), "--precision", "int8", "-o", f"{source}/../{source.name}", "--force")
+    assert result.returncode == 2 and "must differ from the source" in result.stderr
+    assert (source / "manifest.json").is_file()

@@ -57,6 +57,12 @@ class OnnxRuntimeBackend:
         if spec.scale_file:
             self.row_scales = _load_array(Path(bundle_dir) / spec.scale_file, np.dtype("float32"), (spec.shape[0],))
             self._constant_inputs["embedding_scale"] = ort.OrtValue.ortvalue_from_numpy(self.row_scales)
+        for name, array in (("embedding", self.embedding), ("embedding_scale", self.row_scales)):
+            if array is not None and self._input_dtypes.get(name) != array.dtype:
+                raise BundleError(
+                    f"{bundle_dir}: the decoder takes {name} as {self._input_dtypes.get(name)}, the bundle stores "
+                    f"{array.dtype}; re-create the bundle"
+                )
         self._scale = np.float32(self.decoder_spec.embedding_scale)
 
     def _session(self, bundle_dir: Path, graph: GraphSpec, options) -> ort.InferenceSession:
