@@ -34,7 +34,7 @@ MODELS = {
                 text_hidden=512, text_intermediate=2048, text_layers=8, heads=8, kv_heads=4, head_dim=64,
                 sliding_window=4096, vocab_rows=REAL_VOCAB_ROWS, decoder_weight_std=None, real_softcaps=True,
             ),
-            "~180M parameters: PaliGemma 2 layout, 224 px (256 image tokens), real vocabulary",
+            "~175M parameters: PaliGemma 2 layout, 224 px (256 image tokens), real vocabulary",
         ),
         BenchModel(
             "paligemma-3b-224",
