@@ -98,6 +98,18 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_build_engines(args) -> int:
+    from .runtime.engines import EngineOptions, build_engines
+
+    options = EngineOptions(
+        flavour=args.backend, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
+        timing_cache=Path(args.timing_cache) if args.timing_cache else None,
+    )
+    record = build_engines(args.bundle, options, progress=_progress)
+    print(f"{record.device}: {record.vision.file}, {record.decoder.file} ({record.build_seconds:.1f}s)")
+    return 0
+
+
 def _prompts(args) -> list[str]:
     from .runtime.tasks import build_prompt
 
@@ -250,6 +262,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out-dir", default="benchmarks/results", help="JSON, markdown table and PNG chart go here")
     bench.add_argument("--json", metavar="OUT.json", help="write the JSON here instead of OUT-DIR/MODEL.json")
     bench.set_defaults(handler=_cmd_bench)
+
+    engines = commands.add_parser("build-engines", help="build TensorRT engines for this machine into a bundle")
+    engines.add_argument("bundle", help="bundle directory (engines and the manifest entry are added to it)")
+    engines.add_argument("--backend", choices=("tensorrt", "tensorrt-rtx"), default="tensorrt",
+                         help="TensorRT flavour: tensorrt (Jetson, x86) or tensorrt-rtx (TensorRT for RTX)")
+    engines.add_argument("--max-batch", type=_positive_int, default=1)
+    engines.add_argument("--max-seq-len", type=_positive_int, help="default: the bundle's max sequence")
+    engines.add_argument("--timing-cache", metavar="FILE", help="reuse and update this TensorRT timing cache")
+    engines.set_defaults(handler=_cmd_build_engines)
 
     run = commands.add_parser("run", help="generate text for an image and prompt(s) from a bundle")
     run.add_argument("bundle", help="bundle directory")

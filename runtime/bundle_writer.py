@@ -7,6 +7,7 @@ killed one leaves a hidden ``.NAME.partial-*`` directory that the next write to 
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 import shutil
 import tempfile
@@ -86,5 +87,7 @@ def write_manifest(directory: Path, manifest: Manifest) -> Manifest:
         p.name: sha256_file(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST_NAME
     }
     manifest = replace(manifest, files=files)
-    (directory / MANIFEST_NAME).write_text(manifest.to_json())
+    temporary = directory / f".{MANIFEST_NAME}.partial"
+    temporary.write_text(manifest.to_json())
+    os.replace(temporary, directory / MANIFEST_NAME)  # readers never see half a manifest
     return manifest

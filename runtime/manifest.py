@@ -139,6 +139,31 @@ class MaskDecoderSpec:
 
 
 @dataclass(frozen=True)
+class EngineSpec:
+    """One TensorRT engine: its file, the graph it came from, I/O as the network saw it, profile shapes."""
+
+    file: str
+    graph: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    profiles: dict[str, Any]  # profile name -> input name -> {"min", "opt", "max"} shapes
+
+
+@dataclass(frozen=True)
+class EngineSet:
+    """Engines built for one device tag (TensorRT flavour and version, GPU)."""
+
+    flavour: str
+    tensorrt_version: str
+    device: str
+    max_batch: int
+    max_seq_len: int
+    vision: EngineSpec
+    decoder: EngineSpec
+    build_seconds: float
+
+
+@dataclass(frozen=True)
 class Manifest:
     model_name: str
     family: int
@@ -155,6 +180,7 @@ class Manifest:
     validation: dict[str, Any] = field(default_factory=dict)
     mask_decoder: MaskDecoderSpec | None = None
     quantization: dict[str, Any] = field(default_factory=dict)  # source bundle, options, what was kept
+    engines: dict[str, EngineSet] = field(default_factory=dict)  # device tag -> TensorRT engines
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> str:
@@ -222,7 +248,7 @@ def _convert(type_name: str, value: Any, where: str):
 _NESTED = {
     "ImageSpec": ImageSpec, "TokenIds": TokenIds, "DecoderSpec": DecoderSpec,
     "GraphSpec": GraphSpec, "EmbeddingSpec": EmbeddingSpec, "TensorSpec": TensorSpec,
-    "MaskDecoderSpec": MaskDecoderSpec,
+    "MaskDecoderSpec": MaskDecoderSpec, "EngineSpec": EngineSpec, "EngineSet": EngineSet,
 }
 
 

@@ -119,3 +119,38 @@ def segment_bundle(checkpoints, workdir) -> Path:
     run_cli("export", str(checkpoints[(1, 28)]), "--output", str(bundle), "--max-seq-len", str(MAX_SEQ_LEN),
             "--mask-decoder", str(npz), check=True)
     return bundle
+
+
+# Quantized variants of the tiny bundles: name -> extra arguments of `quantize`.
+VARIANTS = {
+    "fp16": ["--precision", "fp16"],
+    "int8": ["--precision", "int8"],
+    "int4": ["--precision", "int4"],
+    "int8-static": ["--precision", "int8", "--int8-method", "static"],  # + --calibration (fixture)
+    "int4-fp16": ["--precision", "int4", "--int4-activations", "fp16"],
+    "fp16-io": ["--precision", "fp16", "--fp16-io"],
+    "int8-keep": ["--precision", "int8", "--keep-embeddings"],
+}
+QUANTIZED_MODELS = [(1, 28), (2, 28)]
+
+
+@pytest.fixture(scope="session")
+def calibration_dir(images, workdir):
+    directory = workdir / "calibration"
+    directory.mkdir()
+    for image in images:
+        (directory / image.name).write_bytes(image.read_bytes())
+    (directory / "prompts.txt").write_text("caption en\nanswer en what is this\n")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def quantized(bundles, workdir, calibration_dir):
+    out = {}
+    for model in QUANTIZED_MODELS:
+        for name, args in VARIANTS.items():
+            target = workdir / f"{model_id(model)}-{name}"
+            extra = ["--calibration", str(calibration_dir)] if name == "int8-static" else []
+            run_cli("quantize", str(bundles[model]), "--output", str(target), *args, *extra, check=True)
+            out[model, name] = target
+    return out

@@ -12,44 +12,11 @@ from paligemma_edge import GenerationOptions
 from paligemma_edge.quantize.calibration import DEFAULT_PROMPTS
 from paligemma_edge.runtime.manifest import read_manifest
 
-from .conftest import model_id, run_cli
+from .conftest import QUANTIZED_MODELS as MODELS
+from .conftest import VARIANTS, model_id, run_cli
 
-# name -> extra CLI arguments of `quantize`
-VARIANTS = {
-    "fp16": ["--precision", "fp16"],
-    "int8": ["--precision", "int8"],
-    "int4": ["--precision", "int4"],
-    "int8-static": ["--precision", "int8", "--int8-method", "static"],  # + --calibration (fixture)
-    "int4-fp16": ["--precision", "int4", "--int4-activations", "fp16"],
-    "fp16-io": ["--precision", "fp16", "--fp16-io"],
-    "int8-keep": ["--precision", "int8", "--keep-embeddings"],
-}
-MODELS = [(1, 28), (2, 28)]
 PROMPTS = ["caption en", "answer en what is the quick brown fox doing on the table today", "ocr"]
 WEIGHT_SUFFIXES = (".onnx", ".data", ".npy")
-
-
-@pytest.fixture(scope="session")
-def calibration_dir(images, workdir):
-    directory = workdir / "calibration"
-    directory.mkdir()
-    for image in images:
-        (directory / image.name).write_bytes(image.read_bytes())
-    (directory / "prompts.txt").write_text("caption en\nanswer en what is this\n")
-    return directory
-
-
-@pytest.fixture(scope="session")
-def quantized(bundles, workdir, calibration_dir):
-    out = {}
-    for model in MODELS:
-        for name, args in VARIANTS.items():
-            target = workdir / f"{model_id(model)}-{name}"
-            extra = ["--calibration", str(calibration_dir)] if name == "int8-static" else []
-            run_cli("quantize", str(bundles[model]), "--output", str(target), *args, *extra, check=True)
-            out[model, name] = target
-    return out
-
 
 def weight_bytes(bundle) -> int:
     return sum(p.stat().st_size for p in bundle.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))

@@ -1,0 +1,203 @@
+"""TensorRT engines from a bundle's graphs, recorded in its manifest under a device tag.
+
+One code path for NVIDIA TensorRT (``tensorrt``, JetPack and x86) and TensorRT for RTX
+(``tensorrt_rtx_bindings``, which also builds on a machine without a GPU); the flavours differ
+only in the module imported. Networks are strongly typed: the precision comes from the graph
+(fp32 graph -> fp32 engine, fp16 -> fp16, Q/DQ -> int8). The decoder gets one engine with two
+optimization profiles, prefill (prompt up to the max sequence, empty past) and decode (one token,
+past up to the max), so its weights are in memory once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import subprocess
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+from .bundle_writer import write_manifest
+from .errors import BackendUnavailableError, BundleError, InputError, PaliGemmaEdgeError
+from .manifest import EngineSet, EngineSpec, GraphSpec, Manifest, TensorSpec, read_manifest, verify_files
+
+# flavour -> (module, what to install)
+FLAVOURS = {
+    "tensorrt": ("tensorrt", "TensorRT 10 (JetPack 6/7 ships it; on x86: pip install tensorrt)"),
+    "tensorrt-rtx": ("tensorrt_rtx_bindings", "pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings"),
+}
+
+Progress = Callable[[str], None]
+
+
+class EngineBuildError(PaliGemmaEdgeError):
+    """TensorRT's parser or builder refused a graph; the message carries its own words."""
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    flavour: str = "tensorrt"
+    max_batch: int = 1
+    max_seq_len: int | None = None  # default: the bundle's
+    timing_cache: Path | None = None
+
+    def __post_init__(self):
+        if self.flavour not in FLAVOURS:
+            raise InputError(f"unknown TensorRT flavour '{self.flavour}'; choose from: {', '.join(FLAVOURS)}")
+        if self.max_batch < 1 or (self.max_seq_len is not None and self.max_seq_len < 2):
+            raise InputError("--max-batch must be >= 1 and --max-seq-len >= 2")
+
+
+def import_tensorrt(flavour: str):
+    module, install = FLAVOURS[flavour]
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise BackendUnavailableError(f"{flavour} is not installed ({module} missing): {install}") from None
+
+
+def gpu_description() -> str:
+    """'NAME sm XY' of the first GPU (nvidia-smi), or 'no-gpu'."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return "no-gpu"
+    line = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else ""
+    if not line:
+        return "no-gpu"
+    name, _, capability = line.partition(",")
+    return f"{name.strip()} sm{capability.strip().replace('.', '')}"
+
+
+def device_tag(flavour: str, version: str, gpu: str) -> str:
+    """The key engines are recorded under: flavour, TensorRT version and GPU, as one slug."""
+    return re.sub(r"[^A-Za-z0-9.]+", "-", f"{flavour}-{version}-{gpu}").strip("-").lower()
+
+
+class _Logger:
+    """A TensorRT logger that keeps error messages for our one-line report."""
+
+    def __init__(self, trt):
+        self.errors: list[str] = []
+        base = trt.ILogger
+
+        class Collecting(base):  # TensorRT needs an ILogger subclass
+            def __init__(inner):
+                base.__init__(inner)
+
+            def log(inner, severity, message):
+                if severity <= trt.ILogger.Severity.ERROR:
+                    self.errors.append(str(message).strip())
+
+        self.logger = Collecting()
+
+
+def _dims(spec: TensorSpec, sizes: dict[str, int]) -> tuple[int, ...]:
+    return tuple(sizes[d] if isinstance(d, str) else d for d in spec.shape)
+
+
+def profiles_for(graph: GraphSpec, name: str, max_batch: int, max_seq_len: int) -> dict[str, dict[str, dict[str, list]]]:
+    """min/opt/max shapes of every input, per profile (prefill and decode for the decoder)."""
+    if name == "vision":
+        ranges = {"vision": [{"batch": 1}, {"batch": 1}, {"batch": max_batch}]}
+    else:
+        ranges = {
+            "prefill": [dict(batch=1, seq=1, past=0, total=1), dict(batch=1, seq=max_seq_len // 2, past=0,
+                        total=max_seq_len // 2), dict(batch=max_batch, seq=max_seq_len, past=0, total=max_seq_len)],
+            "decode": [dict(batch=1, seq=1, past=1, total=2), dict(batch=1, seq=1, past=max_seq_len // 2,
+                       total=max_seq_len // 2 + 1), dict(batch=max_batch, seq=1, past=max_seq_len - 1,
+                       total=max_seq_len)],
+        }
+    return {
+        profile: {t.name: {k: list(_dims(t, s)) for k, s in zip(("min", "opt", "max"), sizes)} for t in graph.inputs}
+        for profile, sizes in ranges.items()
+    }
+
+
+_DTYPES = {"FLOAT": "float32", "HALF": "float16", "INT64": "int64", "BOOL": "bool", "INT8": "int8", "INT32": "int32"}
+
+
+def _build_one(trt, bundle: Path, graph: GraphSpec, name: str, options: EngineOptions, max_seq_len: int,
+               cache, step: Progress) -> tuple[bytes, EngineSpec, object]:
+    collector = _Logger(trt)
+    builder = trt.Builder(collector.logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, collector.logger)
+    step(f"parsing {graph.file}")
+    if not parser.parse_from_file(str(bundle / graph.file)):
+        messages = [parser.get_error(i).desc() for i in range(parser.num_errors)] or collector.errors
+        raise EngineBuildError(f"TensorRT cannot parse {graph.file}: {'; '.join(messages[:3])}")
+    config = builder.create_builder_config()
+    if cache is None:
+        data = options.timing_cache.read_bytes() if options.timing_cache and options.timing_cache.is_file() else b""
+        cache = config.create_timing_cache(data)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    profiles = profiles_for(graph, name, options.max_batch, max_seq_len)
+    for shapes in profiles.values():
+        profile = builder.create_optimization_profile()
+        for tensor, ranges in shapes.items():
+            profile.set_shape(tensor, ranges["min"], ranges["opt"], ranges["max"])
+        config.add_optimization_profile(profile)
+    step(f"building the {name} engine ({', '.join(profiles)} profile{'s' if len(profiles) > 1 else ''})")
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EngineBuildError(f"TensorRT could not build {graph.file}: {'; '.join(collector.errors[-3:]) or 'no message'}")
+    io = [network.get_input(i) for i in range(network.num_inputs)], [network.get_output(i) for i in range(network.num_outputs)]
+    inputs, outputs = (tuple(TensorSpec(t.name, _DTYPES.get(t.dtype.name, t.dtype.name.lower()), tuple(t.shape))
+                             for t in tensors) for tensors in io)
+    spec = EngineSpec(file="", graph=name, inputs=inputs, outputs=outputs, profiles=profiles)
+    return bytes(serialized), spec, config.get_timing_cache()
+
+
+def build_engines(bundle: str | Path, options: EngineOptions = EngineOptions(),
+                  progress: Progress = lambda message: None) -> EngineSet:
+    """Build and record the vision and decoder engines of BUNDLE for this machine."""
+    bundle = Path(bundle)
+    if not bundle.is_dir():
+        raise BundleError(f"{bundle}: no such bundle directory")
+    manifest = read_manifest(bundle)
+    max_seq_len = options.max_seq_len or manifest.decoder.max_seq_len
+    if max_seq_len > manifest.decoder.max_seq_len:
+        raise InputError(f"--max-seq-len {max_seq_len} exceeds the bundle's {manifest.decoder.max_seq_len}")
+    verify_files(bundle, manifest)
+    trt = import_tensorrt(options.flavour)
+    started = time.perf_counter()
+
+    def step(message: str) -> None:
+        progress(f"[{time.perf_counter() - started:6.1f}s] {message}")
+
+    tag = device_tag(options.flavour, trt.__version__, gpu_description())
+    cache = None
+    built = {}
+    for name, graph in (("vision", manifest.vision_graph), ("decoder", manifest.decoder_graph)):
+        data, spec, cache = _build_one(trt, bundle, graph, name, options, max_seq_len, cache, step)
+        built[name] = (data, replace(spec, file=f"{name}.{tag}.engine"))
+    if options.timing_cache:
+        options.timing_cache.write_bytes(bytes(cache.serialize()))
+    for data, spec in built.values():
+        temporary = bundle / f".{spec.file}.partial"
+        temporary.write_bytes(data)
+        os.replace(temporary, bundle / spec.file)
+    record = EngineSet(
+        flavour=options.flavour, tensorrt_version=trt.__version__, device=tag, max_batch=options.max_batch,
+        max_seq_len=max_seq_len, vision=built["vision"][1], decoder=built["decoder"][1],
+        build_seconds=round(time.perf_counter() - started, 2),
+    )
+    updated = replace(manifest, engines=manifest.engines | {tag: record})
+    write_manifest(bundle, updated)
+    step(f"recorded {tag} engines in {bundle / 'manifest.json'}")
+    return record
+
+
+def select_engines(manifest: Manifest, tag: str) -> EngineSet:
+    """The engines built for this device and TensorRT, or an error that says to rebuild."""
+    if tag in manifest.engines:
+        return manifest.engines[tag]
+    built = ", ".join(manifest.engines) or "none"
+    raise BundleError(
+        f"this bundle has no engines for {tag} (built: {built}); engines only run where they were built: "
+        "run 'paligemma-edge build-engines BUNDLE' on this machine"
+    )

@@ -1,0 +1,81 @@
+"""TensorRT engines built on this CPU-only machine with TensorRT for RTX, from the tiny bundles."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from paligemma_edge import BundleError
+from paligemma_edge.runtime.engines import profiles_for, select_engines
+from paligemma_edge.runtime.manifest import read_manifest
+
+from .conftest import model_id, run_cli
+
+needs_rtx = pytest.mark.skipif(
+    importlib.util.find_spec("tensorrt_rtx_bindings") is None,
+    reason="TensorRT for RTX not installed (make install adds tensorrt-rtx-cu13-libs/-bindings)",
+)
+
+
+@pytest.fixture()
+def bundle_copy(bundles, quantized, tmp_path, request):
+    model, variant = request.param
+    source = bundles[model] if variant == "fp32" else quantized[model, variant]
+    target = tmp_path / "bundle"
+    shutil.copytree(source, target)
+    return target
+
+
+@needs_rtx
+@pytest.mark.parametrize("bundle_copy", [((2, 28), "fp32"), ((2, 28), "fp16"), ((1, 28), "fp32")],
+                         indirect=True, ids=lambda p: f"{model_id(p[0])}-{p[1]}")
+def test_engines_build_and_match_the_manifest(bundle_copy, tmp_path):
+    cache = tmp_path / "timing.cache"
+    result = run_cli("build-engines", str(bundle_copy), "--backend", "tensorrt-rtx", "--max-batch", "2",
+                     "--max-seq-len", "32", "--timing-cache", str(cache), check=True)
+    assert "building the decoder engine (prefill, decode profiles)" in result.stderr
+    manifest = read_manifest(bundle_copy)  # checksums of the new engines included
+    (tag, record), = manifest.engines.items()
+    assert record.flavour == "tensorrt-rtx" and tag.startswith("tensorrt-rtx-") and record.max_seq_len == 32
+    for name, graph in (("vision", manifest.vision_graph), ("decoder", manifest.decoder_graph)):
+        engine = getattr(record, name)
+        assert (bundle_copy / engine.file).stat().st_size > 0 and engine.file in manifest.files
+        assert [(t.name, t.dtype) for t in engine.inputs] == [(t.name, t.dtype) for t in graph.inputs]
+        assert [(t.name, t.dtype) for t in engine.outputs] == [(t.name, t.dtype) for t in graph.outputs]
+        assert engine.profiles == profiles_for(graph, name, 2, 32)
+    prefill, decode = record.decoder.profiles["prefill"], record.decoder.profiles["decode"]
+    assert prefill["past_key_0"]["max"][2] == 0 and prefill["inputs_embeds"]["max"][:2] == [2, 32]
+    assert decode["inputs_embeds"]["max"][1] == 1 and decode["past_key_0"]["max"][2] == 31
+    assert cache.stat().st_size > 0
+    assert select_engines(manifest, tag) == record
+
+
+@needs_rtx
+@pytest.mark.parametrize("bundle_copy", [((2, 28), "int8")], indirect=True, ids=["int8-dynamic"])
+def test_parser_errors_stop_the_build_with_the_parsers_words(bundle_copy):
+    result = run_cli("build-engines", str(bundle_copy), "--backend", "tensorrt-rtx")
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1 and "TensorRT cannot parse" in last and "Traceback" not in result.stderr
+    assert read_manifest(bundle_copy).engines == {} and not list(bundle_copy.glob("*.engine"))
+
+
+def test_engines_for_another_device_are_refused(bundles):
+    manifest = read_manifest(bundles[(1, 28)])
+    with pytest.raises(BundleError, match="build-engines"):
+        select_engines(manifest, "tensorrt-10.3.0-orin-sm87")
+    other = dataclasses.replace(manifest, engines={"tensorrt-10.13-h100-sm90": None})
+    with pytest.raises(BundleError, match="built: tensorrt-10.13-h100-sm90"):
+        select_engines(other, "tensorrt-10.3.0-orin-sm87")
+
+
+def test_missing_tensorrt_says_what_to_install(bundles):
+    blocker = ("import sys; sys.modules['tensorrt'] = None; "
+               "from paligemma_edge.cli import main; sys.exit(main(sys.argv[1:]))")
+    result = subprocess.run([sys.executable, "-c", blocker, "build-engines", str(bundles[(1, 28)])],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "tensorrt is not installed" in result.stderr and "Traceback" not in result.stderr
