@@ -65,7 +65,9 @@ def measure_ranges(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -
                 maxima[name] = max(maxima[name], float(np.abs(value).max()))
         for name, value in zip(names, session.run(names, {k: v for k, v in feed.items() if k in input_names})):
             if name in maxima and np.issubdtype(value.dtype, np.floating) and value.size:
-                maxima[name] = max(maxima[name], float(np.nanmax(np.abs(value))))
+                magnitudes = np.abs(value[~np.isnan(value)])  # NaN says nothing about range; inf counts
+                if magnitudes.size:
+                    maxima[name] = max(maxima[name], float(magnitudes.max()))
     return maxima
 
 
