@@ -12,6 +12,8 @@ import importlib
 import json
 import os
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -36,8 +38,33 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+class _Progress:
+    """Prints each stage line to stderr, and every ``interval`` seconds of a long stage a line that it
+    is still going (a 3B export spends minutes in one stage)."""
+
+    def __init__(self, interval: float = 30.0):
+        self.interval = interval
+        self._stage = ""
+        self._started = 0.0
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __call__(self, message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+        self._stage, self._started = message, time.monotonic()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._tick, daemon=True)
+            self._thread.start()
+
+    def _tick(self) -> None:
+        while not self._wake.wait(self.interval):
+            elapsed = time.monotonic() - self._started
+            if elapsed >= self.interval:
+                print(f"    ... still working ({elapsed:.0f}s in this step)", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self._wake.set()
+
 
 
 def _with_export_extra(command: str, module: str):
@@ -56,7 +83,7 @@ def _cmd_export(args) -> int:
         max_seq_len=args.max_seq_len, tolerance=args.tolerance, overwrite=args.force,
         mask_decoder=Path(args.mask_decoder) if args.mask_decoder else None,
     )
-    export.export_bundle(args.model, args.output, options, progress=_progress)
+    export.export_bundle(args.model, args.output, options, progress=args.progress)
     return 0
 
 
@@ -68,7 +95,7 @@ def _cmd_quantize(args) -> int:
         int4_activations=args.int4_activations, keep_embeddings=args.keep_embeddings, fp16_io=args.fp16_io,
         overwrite=args.force,
     )
-    quantize.quantize_bundle(args.bundle, args.output, options, progress=_progress)
+    quantize.quantize_bundle(args.bundle, args.output, options, progress=args.progress)
     return 0
 
 
@@ -91,7 +118,7 @@ def _cmd_bench(args) -> int:
         baseline=None if args.baseline == "none" else args.baseline, runs=args.runs, new_tokens=args.new_tokens,
         threads=args.threads, workdir=Path(args.workdir),
     )
-    report = harness.run_benchmark(options, progress=_progress)
+    report = harness.run_benchmark(options, progress=args.progress)
     for path in harness.write_reports(report, Path(args.out_dir), Path(args.json) if args.json else None):
         print(f"wrote {path}", file=sys.stderr)
     print(harness.markdown(report), end="")
@@ -105,7 +132,7 @@ def _cmd_build_engines(args) -> int:
         flavour=args.backend, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
         timing_cache=Path(args.timing_cache) if args.timing_cache else None,
     )
-    record = build_engines(args.bundle, options, progress=_progress)
+    record = build_engines(args.bundle, options, progress=args.progress)
     print(f"{record.device}: {record.vision.file}, {record.decoder.file} ({record.build_seconds:.1f}s)")
     return 0
 
@@ -300,7 +327,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = None
     try:
         args = build_parser().parse_args(argv)
-        return args.handler(args)
+        args.progress = _Progress()
+        try:
+            return args.handler(args)
+        finally:
+            args.progress.close()
     except PaliGemmaEdgeError as exc:
         if args is not None and args.debug:
             raise
