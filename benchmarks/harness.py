@@ -21,10 +21,10 @@ from typing import Callable
 import numpy as np
 
 from ..runtime.errors import InputError, PaliGemmaEdgeError
+from ..runtime.manifest import read_manifest
 from .models import MODELS, build_model
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
-PER_TOKEN_SUFFIXES = (".onnx", ".data", ".npy")  # decoder graph, its external data, the embedding table
 
 Progress = Callable[[str], None]
 
@@ -109,11 +109,14 @@ def _cli(args: list[str]) -> float:
     return _subprocess("paligemma_edge", args)[1]
 
 
-def _bytes(bundle: Path, decoder_only: bool) -> int:
-    files = [p for p in bundle.iterdir() if p.is_file()]
-    if decoder_only:
-        files = [p for p in files if p.name.endswith(PER_TOKEN_SUFFIXES) and not p.name.startswith("vision")]
-    return sum(p.stat().st_size for p in files)
+def _bundle_bytes(bundle: Path) -> int:
+    return sum(p.stat().st_size for p in bundle.iterdir() if p.is_file())
+
+
+def _bytes_read_per_token(bundle: Path) -> int:
+    """Decoder graph, its external data and the embedding table: what each decode step reads."""
+    manifest = read_manifest(bundle)
+    return sum((bundle / name).stat().st_size for name in manifest.weight_files(include_vision=False))
 
 
 def run_benchmark(options: BenchOptions, progress: Progress = lambda message: None) -> dict:
@@ -152,10 +155,10 @@ def run_benchmark(options: BenchOptions, progress: Progress = lambda message: No
         for precision in options.precisions:
             progress(f"running {backend} {precision}")
             row = _worker(["runtime", str(bundles[precision]), "--backend", backend, *common])
-            per_token = _bytes(bundles[precision], decoder_only=True)
+            per_token = _bytes_read_per_token(bundles[precision])
             ceiling = bandwidth * 1e9 / per_token
             row.update(
-                backend=backend, precision=precision, bundle_mb=_bytes(bundles[precision], decoder_only=False) / 1e6,
+                backend=backend, precision=precision, bundle_mb=_bundle_bytes(bundles[precision]) / 1e6,
                 weight_bytes_per_token=per_token, bandwidth_ceiling_tokens_per_s=ceiling,
                 percent_of_bandwidth_ceiling=100 * row["decode_tokens_per_s"] / ceiling, **timings.get(precision, {}),
             )

@@ -8,7 +8,7 @@ embedding / LM head costs what it costs on a real model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..export.tiny import TinySpec, build_checkpoint
@@ -65,5 +65,5 @@ def build_model(name_or_path: str, directory: Path) -> Path:
         return Path(name_or_path)
     target = Path(directory) / name_or_path
     if not (target / "config.json").is_file():
-        build_checkpoint(target, replace(MODELS[name_or_path].spec))
+        build_checkpoint(target, MODELS[name_or_path].spec)
     return target

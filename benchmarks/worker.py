@@ -15,22 +15,12 @@ import dataclasses
 import json
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 
+from ..export.tiny import scene_image
 from ..runtime.memory import peak_rss_mb
 
 PROMPT = "caption en"
-
-
-def _sample_image():
-    from ..export.tiny import draw_scene
-
-    with tempfile.TemporaryDirectory() as scratch:
-        from PIL import Image
-
-        return Image.open(draw_scene(Path(scratch) / "scene.png")).copy()
 
 
 def _timed(function) -> tuple[float, object]:
@@ -47,7 +37,7 @@ def measure_runtime(bundle: str, backend: str, runs: int, new_tokens: int, threa
     from ..runtime.preprocess import preprocess
     from ..runtime.sampling import GenerationOptions
 
-    image = _sample_image()
+    image = scene_image()
     with load(bundle, backend=backend, verify=False, threads=threads) as model:
         model.manifest = dataclasses.replace(model.manifest, tokens=dataclasses.replace(model.manifest.tokens, eos=()))
         model.feature_cache.max_entries = 0  # every run encodes the image
@@ -81,7 +71,7 @@ def measure_transformers(checkpoint: str, runs: int, new_tokens: int, threads: i
         torch.set_num_threads(threads)
     processor = AutoProcessor.from_pretrained(checkpoint, backend="pil")
     model = PaliGemmaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    inputs = processor(images=[_sample_image()], text=[f"<image>{PROMPT}"], return_tensors="pt")
+    inputs = processor(images=[scene_image()], text=[f"<image>{PROMPT}"], return_tensors="pt")
     inputs.pop("labels", None)
     generate = dict(do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)  # min_new_tokens holds eos off
     vision, ttfts, decode = [], [], []

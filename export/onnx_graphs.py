@@ -15,13 +15,12 @@ from pathlib import Path
 
 import torch
 
+from ..runtime.bundle_writer import EXTERNAL_DATA_THRESHOLD
 from ..runtime.errors import PaliGemmaEdgeError, first_line
 from ..runtime.manifest import DecoderSpec, GraphSpec, ImageSpec, TensorSpec, past_names, present_names
 from .graphs import DecoderStep, VisionEncoder
 
 OPSET = 18
-# ONNX protobufs cannot exceed 2 GiB; keep a margin for the graph itself.
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 # Sample sizes for tracing: distinct and >= 2 so that no dynamic dim gets specialised.
 SAMPLE_DIMS = {"batch": 2, "seq": 3, "past": 5, "total": 8}
 

@@ -170,8 +170,8 @@ def build_mask_decoder_npz(path: str | Path, codebook_dim: int = 16, seed: int =
     return path
 
 
-def draw_scene(path: str | Path, size: tuple[int, int] = (320, 240)) -> Path:
-    """A deterministic sample picture (a few coloured shapes) for demos and tests."""
+def scene_image(size: tuple[int, int] = (320, 240)):
+    """A deterministic sample picture (a few coloured shapes) for demos, tests and benchmarks."""
     from PIL import Image, ImageDraw
 
     image = Image.new("RGB", size, (245, 245, 240))
@@ -179,8 +179,13 @@ def draw_scene(path: str | Path, size: tuple[int, int] = (320, 240)) -> Path:
     draw.ellipse((30, 40, 130, 140), fill=(220, 40, 40))
     draw.rectangle((170, 60, 280, 170), fill=(40, 80, 220))
     draw.polygon([(90, 220), (150, 150), (210, 220)], fill=(40, 170, 60))
+    return image
+
+
+def draw_scene(path: str | Path) -> Path:
+    """Save :func:`scene_image` to ``path``."""
     path = Path(path)
-    image.save(path)
+    scene_image().save(path)
     return path
 
 

@@ -19,15 +19,13 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from ..runtime.bundle_writer import check_output, package_versions, staged_bundle, write_manifest
+from ..runtime.bundle_writer import EXTERNAL_DATA_THRESHOLD, check_output, package_versions, staged_bundle, write_manifest
 from ..runtime.errors import InputError
 from ..runtime.manifest import EmbeddingSpec, GraphSpec, Manifest, TensorSpec, read_manifest, verify_files
 from . import calibration, embedding, fp16, methods
 
 PRECISIONS = ("fp16", "int8", "int4")
 INT8_METHODS = ("dynamic", "static")
-# Graphs at or above this many bytes of weights keep them in external data (protobuf's 2 GiB limit).
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 QUANTIZE_PACKAGES = ("paligemma-edge", "onnx", "onnxruntime", "numpy")
 
 Progress = Callable[[str], None]
@@ -60,10 +58,6 @@ class QuantizeOptions:
             raise InputError(f"--block-size must be a power of two >= 16, got {self.block_size}")
         if self.int4_activations not in ("fp32", "fp16"):
             raise InputError("--int4-activations is fp32 or fp16")
-
-
-def _load_graph(bundle: Path, spec: GraphSpec) -> onnx.ModelProto:
-    return onnx.load(str(bundle / spec.file))
 
 
 def _save_graph(model: onnx.ModelProto, path: Path) -> tuple[str, ...]:
@@ -109,10 +103,6 @@ def _quiet_quantizers():
         root.handlers[:] = saved[1]
 
 
-def _feeds_with(feeds: list[dict], constants: dict[str, np.ndarray]) -> list[dict]:
-    return [feed | constants for feed in feeds]
-
-
 class _Quantizer:
     """One quantize run: the source bundle, the options, the staging directory, the report."""
 
@@ -150,7 +140,7 @@ class _Quantizer:
         return EmbeddingSpec("embedding.npy", str(table.dtype), spec.shape), {"embedding": table}
 
     def graph(self, name: str, spec: GraphSpec, feeds: list[dict], lm_head_int8: bool) -> GraphSpec:
-        model = _load_graph(self.source, spec)
+        model = onnx.load(str(self.source / spec.file))
         options = self.options
         exclude: list[str] = []
         if lm_head_int8:
@@ -233,7 +223,7 @@ def quantize_bundle(source: str | Path, output: str | Path, options: QuantizeOpt
         step(f"quantizing decoder graph to {options.precision}")
         # Feeds for the source (fp32) decoder: ranges are measured there; static int8 calibrates the rewritten one.
         source_table = {"embedding": np.load(source / manifest.embedding.file, mmap_mode="r")}
-        decoder_feeds = _feeds_with(recorded.decoder, constants if lm_head_int8 else source_table)
+        decoder_feeds = [feed | (constants if lm_head_int8 else source_table) for feed in recorded.decoder]
         decoder = run.graph("decoder", manifest.decoder_graph, decoder_feeds, lm_head_int8=lm_head_int8)
         for name in {manifest.tokenizer, *(m.file for m in [manifest.mask_decoder] if m)}:
             shutil.copyfile(source / name, staging / name)

@@ -23,10 +23,6 @@ from ..runtime.preprocess import load_image
 from ..runtime.sampling import GenerationOptions
 from .calibration import DEFAULT_PROMPTS, images_in
 
-# Model weights: graphs, external data, the embedding table (not the optional mask decoder).
-WEIGHT_SUFFIXES = (".onnx", ".data", ".npy")
-
-
 @dataclass(frozen=True)
 class Case:
     prompt: str
@@ -100,9 +96,10 @@ def read_cases(prompts_file: Path | None) -> list[Case]:
     return cases
 
 
-def _sizes(bundle: Path) -> tuple[int, int]:
-    files = [p for p in bundle.iterdir() if p.is_file()]
-    return sum(p.stat().st_size for p in files), sum(p.stat().st_size for p in files if p.name.endswith(WEIGHT_SUFFIXES))
+def _sizes(bundle: Path, manifest) -> tuple[int, int]:
+    """Bytes of all files, and of the model weights (not the tokenizer or the optional mask decoder)."""
+    total = sum(p.stat().st_size for p in bundle.iterdir() if p.is_file())
+    return total, sum((bundle / name).stat().st_size for name in manifest.weight_files())
 
 
 def _free_run(bundle: Path, inputs, options) -> tuple[list[tuple[int, ...]], BundleStats]:
@@ -111,12 +108,12 @@ def _free_run(bundle: Path, inputs, options) -> tuple[list[tuple[int, ...]], Bun
     measured = reset_peak_rss()
     with load(bundle) as model:
         results = [model.generate_batch([image], [case.prompt], options)[0] for image, case in inputs]
-        precision = model.manifest.precision
+        manifest = model.manifest
     peak = peak_rss_mb() if measured else None
     known = [(r.text.strip(), c.expected) for r, (_, c) in zip(results, inputs) if c.expected is not None]
     accuracy = sum(text == want for text, want in known) / len(known) if known else None
-    size, weights = _sizes(bundle)
-    return [r.token_ids for r in results], BundleStats(str(bundle), precision, size, weights, peak, accuracy)
+    size, weights = _sizes(bundle, manifest)
+    return [r.token_ids for r in results], BundleStats(str(bundle), manifest.precision, size, weights, peak, accuracy)
 
 
 @dataclass

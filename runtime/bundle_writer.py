@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import InputError
+
+# ONNX protobufs cannot exceed 2 GiB: graphs whose weights reach this go to external data.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 from .manifest import MANIFEST_NAME, Manifest, sha256_file
 
 

@@ -183,6 +183,12 @@ class Manifest:
     engines: dict[str, EngineSet] = field(default_factory=dict)  # device tag -> TensorRT engines
     schema_version: int = SCHEMA_VERSION
 
+    def weight_files(self, include_vision: bool = True) -> list[str]:
+        """Files holding model weights: graphs, their external data, the embedding table and its scales."""
+        graphs = [self.decoder_graph] + ([self.vision_graph] if include_vision else [])
+        files = [name for graph in graphs for name in (graph.file, *graph.external_data)]
+        return files + [name for name in (self.embedding.file, self.embedding.scale_file) if name]
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False) + "\n"
 

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Iterator, Sequence, Union
 
 import numpy as np
-from PIL import Image
 
 from .backends.base import create_backend
 from .errors import BundleError, InputError

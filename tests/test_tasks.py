@@ -10,7 +10,7 @@ from PIL import Image
 
 import paligemma_edge
 from paligemma_edge import (
-    DetectionResult, Generation, GenerationOptions, InputError, SegmentationResult, build_prompt,
+    DetectionResult, Generation, GenerationOptions, InputError, SegmentationResult,
 )
 from paligemma_edge.runtime.results import rle_to_mask
 
