@@ -62,7 +62,7 @@ class TinySpec:
     seed: int = 0
 
 
-def build_tokenizer():
+def build_tokenizer(corpus: list[str] = _CORPUS, vocab_size: int = 320):
     """A small BPE tokenizer with Gemma's special tokens and PaliGemma's loc/seg tokens."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -71,9 +71,9 @@ def build_tokenizer():
     tokenizer.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="never")
     alphabet = sorted(set(string.printable.replace(" ", "\u2581")))
     trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=SPECIAL_TOKENS, initial_alphabet=alphabet, show_progress=False
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=alphabet, show_progress=False
     )
-    tokenizer.train_from_iterator(_CORPUS, trainer=trainer)
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
     tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in LOC_TOKENS + SEG_TOKENS])
     tokenizer.add_special_tokens([AddedToken(IMAGE_TOKEN, normalized=False, special=True)])
     return tokenizer
@@ -81,6 +81,17 @@ def build_tokenizer():
 
 def build_checkpoint(output_dir: str | Path, spec: TinySpec = TinySpec()) -> Path:
     """Write a random PaliGemma checkpoint (model, tokenizer, processor) to ``output_dir``."""
+    model, processor = build_model(spec)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+    return output_dir
+
+
+def build_model(spec: TinySpec = TinySpec(), tokenizer_object=None):
+    """A random PaliGemmaForConditionalGeneration and its processor (``tokenizer_object``: a
+    ``tokenizers.Tokenizer`` with the special, loc and seg tokens; default :func:`build_tokenizer`)."""
     import torch
     from transformers import (
         Gemma2Config,
@@ -94,9 +105,8 @@ def build_checkpoint(output_dir: str | Path, spec: TinySpec = TinySpec()) -> Pat
     )
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-    output_dir = Path(output_dir)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=build_tokenizer(),
+        tokenizer_object=tokenizer_object or build_tokenizer(),
         bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>", padding_side="left",
     )
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (*SPECIAL_TOKENS, IMAGE_TOKEN)}
@@ -147,11 +157,7 @@ def build_checkpoint(output_dir: str | Path, spec: TinySpec = TinySpec()) -> Pat
     )
     image_processor.image_seq_length = (spec.image_size // spec.patch_size) ** 2
     processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
-
-    output_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output_dir)
-    processor.save_pretrained(output_dir)
-    return output_dir
+    return model, processor
 
 
 def build_mask_decoder_npz(path: str | Path, codebook_dim: int = 16, seed: int = 0) -> Path:

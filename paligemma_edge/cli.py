@@ -110,6 +110,24 @@ def _cmd_compare(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    from .runtime.model import load
+    from .shapes.evaluate import evaluate_shapes, write_report
+
+    def progress(done: int, total: int) -> None:
+        if done == total or done % 25 == 0:
+            args.progress(f"evaluated {done}/{total} scenes")
+
+    with load(args.bundle, backend=args.backend, threads=args.threads) as model:
+        report = evaluate_shapes(model, n=args.n, keep_examples=bool(args.json), progress=progress)
+    print(f"{args.dataset}: {report.scenes} held-out scenes, {report.seconds:.1f} s")
+    print(report.table())
+    if args.json:
+        write_report(report, args.json)
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
 def _cmd_bench(args) -> int:
     harness = _with_export_extra("bench", ".benchmarks.harness")
     options = harness.BenchOptions(
@@ -206,6 +224,64 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _cmd_pack(args) -> int:
+    from .runtime.packing import pack_bundle
+
+    result = pack_bundle(args.bundle, args.output, with_engines=args.with_engines, force=args.force,
+                         progress=args.progress)
+    print(f"packed {result.files} files ({result.bytes / 1e6:.1f} MB) into {result.path}")
+    return 0
+
+
+def _cmd_verify(args) -> int:
+    from .runtime.verification import verify_target
+
+    report = verify_target(args.target, dry_load=not args.no_load, progress=args.progress)
+    print(report.text())
+    return 0 if report.ok else 1
+
+
+def _cmd_inspect(args) -> int:
+    from .runtime.bundle_summary import inspect_bundle
+
+    summary = inspect_bundle(args.bundle)
+    print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.text())
+    return 0
+
+
+def _cmd_camera(args) -> int:
+    from .apps.camera import CameraOptions, open_source, run_on_source
+    from .runtime.model import load
+    from .runtime.sampling import GenerationOptions
+
+    prompts = _prompts(args)
+    if len(prompts) != 1:
+        raise InputError("camera runs one prompt: give --task or one --prompt")
+    if args.every is not None and args.fps is not None:
+        raise InputError("give --every or --fps, not both")
+    options = CameraOptions(
+        source=args.source, prompt=prompts[0], every=args.every, fps=args.fps, out=args.out,
+        annotate=args.annotate, max_frames=args.max_frames,
+        generation=GenerationOptions(max_new_tokens=args.max_new_tokens),
+    )
+    source = open_source(options.source)  # a bad source fails before a large model loads
+    with load(args.bundle, backend=args.backend, verify=not args.no_verify, threads=args.threads) as model:
+        summary = run_on_source(model, source, options, progress=args.progress)
+    print(summary.text())
+    return 0
+
+
+def _cmd_serve(args) -> int:
+    from .apps.server import ServerOptions, serve
+
+    return serve(ServerOptions(
+        bundle=args.bundle, host=args.host, port=args.port, backend=args.backend, threads=args.threads,
+        token=args.token, verify=not args.no_verify, max_upload_mb=args.max_upload_mb,
+        max_image_pixels=args.max_image_pixels, max_new_tokens=args.max_new_tokens,
+        request_timeout_s=args.request_timeout,
+    ), progress=args.progress)
+
+
 def _check_drawing_target(path: str, images: int) -> None:
     """Fail before generating, not after, when the drawing could not be written."""
     from PIL import Image
@@ -276,6 +352,16 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--json", metavar="OUT.json", help="write the results as JSON (and a .md table beside it)")
     compare.set_defaults(handler=_cmd_compare)
 
+    evaluate = commands.add_parser("eval", help="task accuracy of a bundle on a held-out dataset")
+    evaluate.add_argument("bundle", help="bundle directory (any precision)")
+    evaluate.add_argument("--dataset", choices=("shapes",), default="shapes",
+                          help="shapes: the generated scenes paligemma-shapes was trained on (held-out split)")
+    evaluate.add_argument("--n", type=_positive_int, default=200, help="scenes to evaluate (default 200)")
+    evaluate.add_argument("--backend", default="onnxruntime", help="runtime backend (default onnxruntime)")
+    evaluate.add_argument("--threads", type=_positive_int, help="CPU threads for the backend")
+    evaluate.add_argument("--json", metavar="OUT.json", help="write the metrics and every answer as JSON")
+    evaluate.set_defaults(handler=_cmd_eval)
+
     bench = commands.add_parser("bench", help="latency, throughput, memory and size against transformers")
     bench.add_argument("--model", required=True,
                        help="tiny, mid, paligemma-3b-224, paligemma2-3b-224 (built with random weights) or a checkpoint path")
@@ -320,6 +406,62 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--draw", metavar="OUT.png", help="write the image with boxes, labels and masks drawn on it")
     run.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle's files")
     run.set_defaults(handler=_cmd_run)
+
+    serve = commands.add_parser("serve", help="HTTP API and kiosk page for a bundle (binds to localhost by default)")
+    serve.add_argument("bundle", help="bundle directory")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--backend", default="onnxruntime", help="runtime backend (default onnxruntime)")
+    serve.add_argument("--threads", type=_positive_int, help="CPU threads for the backend")
+    serve.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on every API route "
+                       "(or set PALIGEMMA_EDGE_TOKEN)")
+    serve.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload (default 10 MB)")
+    serve.add_argument("--max-image-pixels", type=_positive_int, default=40_000_000,
+                       help="largest accepted image, width x height (default 40 Mpx)")
+    serve.add_argument("--max-new-tokens", type=_positive_int, default=256,
+                       help="cap on a request's max_new_tokens (default 256)")
+    serve.add_argument("--request-timeout", type=float, default=120.0,
+                       help="seconds a request may wait and run before it fails with 503/504 (default 120)")
+    serve.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle's files")
+    serve.set_defaults(handler=_cmd_serve)
+
+    camera = commands.add_parser("camera", help="run a task on frames from a camera, video file, RTSP URL or GStreamer pipeline")
+    camera.add_argument("bundle", help="bundle directory")
+    camera.add_argument("--source", required=True,
+                        help="camera index (0), /dev/videoN, a video file, an rtsp:// URL or a GStreamer pipeline")
+    camera.add_argument("--task", choices=sorted(TASKS), help="a PaliGemma task prefix")
+    camera.add_argument("--lang", help="answer language for caption, describe and answer (default en)")
+    camera.add_argument("--question", help="the question, for --task answer")
+    camera.add_argument("--objects", help="object names for detect/segment, separated by ';'")
+    camera.add_argument("--prompt", action="append", help="free prompt text instead of --task")
+    camera.add_argument("--every", type=_positive_int, help="run on every Nth frame")
+    camera.add_argument("--fps", type=float, help="run at most this many times a second, dropping frames in between")
+    camera.add_argument("--out", metavar="results.jsonl", help="write one JSON line per processed frame")
+    camera.add_argument("--annotate", metavar="out.mp4", help="write the processed frames with results drawn on them")
+    camera.add_argument("--max-frames", type=_positive_int, help="stop after this many processed frames")
+    camera.add_argument("--max-new-tokens", type=_positive_int, default=32)
+    camera.add_argument("--backend", default="onnxruntime", help="runtime backend (default onnxruntime)")
+    camera.add_argument("--threads", type=_positive_int, help="CPU threads for the backend")
+    camera.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle's files")
+    camera.set_defaults(handler=_cmd_camera)
+
+    pack = commands.add_parser("pack", help="one archive of a bundle for copying or flashing (manifest first, checksummed)")
+    pack.add_argument("bundle", help="bundle directory")
+    pack.add_argument("--output", "-o", required=True, metavar="FILE.tar", help="archive to write")
+    pack.add_argument("--with-engines", action="store_true",
+                      help="keep TensorRT engines (left out by default: they only run on the device that built them)")
+    pack.add_argument("--force", action="store_true", help="replace an existing archive")
+    pack.set_defaults(handler=_cmd_pack)
+
+    verify = commands.add_parser("verify", help="check a bundle or packed archive: checksums, schema, a dry load")
+    verify.add_argument("target", help="bundle directory or .tar archive")
+    verify.add_argument("--no-load", action="store_true", help="skip the dry load by the runtime")
+    verify.set_defaults(handler=_cmd_verify)
+
+    inspect = commands.add_parser("inspect", help="a readable summary of a bundle")
+    inspect.add_argument("bundle", help="bundle directory")
+    inspect.add_argument("--json", action="store_true", help="the summary as JSON")
+    inspect.set_defaults(handler=_cmd_inspect)
     return parser
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Iterator, Sequence, Union
+from typing import Generator, Iterator, Sequence, Union
 
 import numpy as np
 
@@ -82,46 +82,46 @@ class PaliGemma:
         rows = len(prompts)
         generated: list[list[int]] = [[] for _ in range(rows)]
         reasons = ["length"] * rows
-        start = time.perf_counter()
-        first_token_at = None
-        count = 0
+        clock = _StepClock(vision_ms)
         for step in steps:
-            first_token_at = first_token_at or time.perf_counter()
-            count += 1
+            clock.tick()
             for row in np.flatnonzero(step.active):
                 if step.reached_eos[row]:
                     reasons[row] = "eos"
                 else:
                     generated[row].append(int(step.tokens[row]))
-        end = time.perf_counter()
-        first_token_at = first_token_at or end
-        budget_cut = count < options.max_new_tokens
-        decode_s = end - first_token_at
-        timings = Timings(
-            vision_ms=vision_ms, prefill_ms=(first_token_at - start) * 1000, decode_ms=decode_s * 1000,
-            decode_tokens_per_s=(count - 1) / decode_s if count > 1 and decode_s > 0 else 0.0,
-        )
-        return [
-            Generation(
-                prompt=prompt, text=self.tokenizer.decode(ids), token_ids=tuple(ids),
-                finish_reason="max_seq_len" if reason == "length" and budget_cut else reason, timings=timings,
-            )
-            for prompt, ids, reason in zip(prompts, generated, reasons)
-        ]
+        timings = clock.timings()
+        return [self._generation(prompt, ids, reason, clock.steps, options, timings)
+                for prompt, ids, reason in zip(prompts, generated, reasons)]
 
-    def stream_tokens(self, image: ImageInput, prompt: str, options: GenerationOptions | None = None
-                      ) -> Iterator[TokenChunk]:
-        """Yield each generated token (eos excluded) with the text it completes.
+    def _generation(self, prompt: str, ids: list[int], reason: str, steps: int, options: GenerationOptions,
+                    timings: Timings) -> Generation:
+        budget_cut = steps < options.max_new_tokens  # stopped by the bundle's max sequence, not by the caller
+        return Generation(
+            prompt=prompt, text=self.tokenizer.decode(ids), token_ids=tuple(ids),
+            finish_reason="max_seq_len" if reason == "length" and budget_cut else reason, timings=timings,
+        )
+
+    def stream_generation(self, image: ImageInput, prompt: str, options: GenerationOptions | None = None
+                          ) -> Generator[TokenChunk, None, Generation]:
+        """Yield each generated token (eos excluded) with the text it completes; the generator's
+        return value (``StopIteration.value``) is the whole :class:`Generation`, as ``generate_batch``
+        gives it. Closing the generator early stops generation after the current step.
 
         A token that ends inside a multi-byte character is held back until the character is
         complete (or generation ends), so the chunks' texts always join to the full answer.
         """
-        _, _, steps = self._steps([image], [prompt], options or GenerationOptions())
+        options = options or GenerationOptions()
+        vision_ms, _, steps = self._steps([image], [prompt], options)
+        clock = _StepClock(vision_ms)
         ids: list[int] = []
         pending: list[int] = []
         emitted = ""
+        reason = "length"
         for step in steps:
+            clock.tick()
             if step.reached_eos[0]:
+                reason = "eos"
                 break
             ids.append(int(step.tokens[0]))
             pending.append(ids[-1])
@@ -133,6 +133,12 @@ class PaliGemma:
         text = self.tokenizer.decode(ids)
         if pending:
             yield from self._flush(pending, text[len(emitted):] if text.startswith(emitted) else "")
+        return self._generation(prompt, ids, reason, clock.steps, options, clock.timings())
+
+    def stream_tokens(self, image: ImageInput, prompt: str, options: GenerationOptions | None = None
+                      ) -> Iterator[TokenChunk]:
+        """The chunks of :meth:`stream_generation`, without its final Generation."""
+        yield from self.stream_generation(image, prompt, options)
 
     @staticmethod
     def _flush(pending: list[int], text: str) -> Iterator[TokenChunk]:
@@ -210,6 +216,30 @@ class PaliGemma:
     def segment(self, image: ImageInput, objects: Sequence[str], options: GenerationOptions | None = None,
                 stream: bool = False):
         return self.generate(image, build_prompt("segment", objects=objects), options, stream)
+
+
+class _StepClock:
+    """Times a generation: prefill ends at the first step, decode runs from there to the last."""
+
+    def __init__(self, vision_ms: float):
+        self.vision_ms = vision_ms
+        self.start = time.perf_counter()
+        self.first = self.last = None
+        self.steps = 0
+
+    def tick(self) -> None:
+        self.last = time.perf_counter()
+        self.first = self.first or self.last
+        self.steps += 1
+
+    def timings(self) -> Timings:
+        end = time.perf_counter()
+        first = self.first or end
+        decode_s = end - first
+        return Timings(
+            vision_ms=self.vision_ms, prefill_ms=(first - self.start) * 1000, decode_ms=decode_s * 1000,
+            decode_tokens_per_s=(self.steps - 1) / decode_s if self.steps > 1 and decode_s > 0 else 0.0,
+        )
 
 
 def load(bundle: str | Path, backend: str = "onnxruntime", verify: bool = True, threads: int | None = None) -> PaliGemma:

@@ -121,6 +121,18 @@ def segment_bundle(checkpoints, workdir) -> Path:
     return bundle
 
 
+SHAPES_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "paligemma-shapes"
+
+
+@pytest.fixture(scope="session")
+def shapes_bundle(workdir) -> Path:
+    """The committed paligemma-shapes model (trained on the shapes scenes), exported with its mask decoder."""
+    bundle = workdir / "shapes-bundle"
+    run_cli("export", str(SHAPES_CHECKPOINT), "--output", str(bundle), "--max-seq-len", "160",
+            "--mask-decoder", str(SHAPES_CHECKPOINT / "vae-oid.npz"), check=True)
+    return bundle
+
+
 # Quantized variants of the tiny bundles: name -> extra arguments of `quantize`.
 VARIANTS = {
     "fp16": ["--precision", "fp16"],

@@ -1,0 +1,337 @@
+"""``paligemma-edge serve``: the HTTP API and the kiosk page, over one loaded model.
+
+Routes: ``POST /v1/generate`` (multipart: ``image`` + ``prompt`` or ``task`` with ``lang`` /
+``question`` / ``objects``, decoding options; ``?stream=true`` for Server-Sent Events),
+``GET /v1/info``, ``GET /metrics`` (Prometheus text), ``GET /healthz``, and the kiosk page at
+``/`` (served from the package: no CDN, works offline). With a token, the API routes and
+/metrics need ``Authorization: Bearer TOKEN``; /healthz and the page stay open (the page asks
+for the token). Requests queue to one model thread (see worker.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import io
+import json
+import logging
+import os
+import platform
+import socket
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from PIL import Image
+
+from ..runtime.errors import InputError, PaliGemmaEdgeError
+from ..runtime.model import PaliGemma, load
+from ..runtime.preprocess import to_rgb
+from ..runtime.sampling import GenerationOptions
+from ..runtime.tasks import LANGUAGES, TASKS, build_prompt
+from .metrics import ServerMetrics
+from .worker import Cancelled, DeadlineExceeded, Job, ModelWorker, QueueFull
+
+log = logging.getLogger("paligemma_edge.serve")
+STATIC_FILES = {"index.html": "text/html", "kiosk.js": "text/javascript", "kiosk.css": "text/css"}
+FORM_OVERHEAD_BYTES = 64 * 1024  # multipart boundaries and the text fields around the image
+DEFAULT_MAX_NEW_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    bundle: str
+    host: str = "127.0.0.1"
+    port: int = 8080
+    backend: str = "onnxruntime"
+    threads: int | None = None
+    token: str | None = None
+    verify: bool = True
+    max_upload_mb: float = 10.0
+    max_image_pixels: int = 40_000_000
+    max_new_tokens: int = 256
+    request_timeout_s: float = 120.0
+    max_queue: int = 32
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1_000_000)
+
+
+class HTTPProblem(Exception):
+    """A request the server refuses: an HTTP status and one line saying why."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Upload bytes -> RGB image; size is checked from the header, before any pixels are decoded."""
+    if not data:
+        raise HTTPProblem(422, "the image file is empty")
+    try:
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > max_pixels:
+            raise HTTPProblem(413, f"image is {width}x{height} pixels; this server accepts at most {max_pixels}")
+        image.load()
+    except HTTPProblem:
+        raise
+    except Image.DecompressionBombError:
+        raise HTTPProblem(413, f"image is too large to decode (over {max_pixels} pixels)") from None
+    except Exception:  # PIL raises many types for undecodable data
+        raise HTTPProblem(415, "the upload is not a supported image (PNG, JPEG, WebP, BMP, GIF, TIFF)") from None
+    return to_rgb(image)
+
+
+def resolve_prompt(prompt: str | None, task: str | None, lang: str | None, question: str | None,
+                   objects: str | None) -> str:
+    blank = lambda value: value is None or not value.strip()
+    if not blank(prompt) and not blank(task):
+        raise InputError("give either 'prompt' or 'task', not both")
+    if not blank(task):
+        return build_prompt(task.strip(), lang=None if blank(lang) else lang.strip(),
+                            question=None if blank(question) else question,
+                            objects=None if blank(objects) else objects)
+    if not (blank(lang) and blank(question) and blank(objects)):
+        raise InputError("'lang', 'question' and 'objects' go with 'task'")
+    if blank(prompt):
+        raise InputError("give a 'prompt' or a 'task'")
+    return prompt.strip()
+
+
+def bundle_info(model: PaliGemma, options: ServerOptions) -> dict:
+    manifest = model.manifest
+    return {
+        "bundle": Path(model.bundle_dir).name,
+        "model": {
+            "name": manifest.model_name, "family": manifest.family, "precision": manifest.precision,
+            "image_size": [manifest.image.height, manifest.image.width],
+            "image_tokens": model.tokenizer.num_image_tokens, "max_seq_len": manifest.decoder.max_seq_len,
+            "segmentation": manifest.mask_decoder is not None,
+        },
+        "backend": options.backend,
+        "device": {"machine": platform.machine(), "system": platform.system(), "processor": platform.processor(),
+                   "cpus": os.cpu_count()},
+        "tasks": {name: {"lang": t.uses_lang, "question": t.uses_question, "objects": t.uses_objects}
+                  for name, t in TASKS.items()},
+        "languages": sorted(LANGUAGES),
+        "limits": {"max_upload_bytes": options.max_upload_bytes, "max_image_pixels": options.max_image_pixels,
+                   "max_new_tokens": options.max_new_tokens, "request_timeout_s": options.request_timeout_s},
+        "auth": options.token is not None,
+    }
+
+
+def _sse(event: str, data: dict) -> str:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+def _failure(exc: BaseException) -> tuple[int, str]:
+    """The status and message a worker error becomes; unexpected errors say nothing of paths."""
+    if isinstance(exc, InputError):
+        return 422, str(exc)
+    if isinstance(exc, QueueFull):
+        return 503, f"server busy: {exc}"
+    if isinstance(exc, DeadlineExceeded):
+        return (504 if exc.started else 503), str(exc)
+    if isinstance(exc, Cancelled):
+        return 499, "client closed the request"
+    log.error("generation failed", exc_info=exc)
+    return 500, "internal error while generating"
+
+
+def create_app(model: PaliGemma, options: ServerOptions) -> FastAPI:
+    worker = ModelWorker(model, options.max_queue)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        worker.close()
+
+    app = FastAPI(title="paligemma-edge", docs_url=None, redoc_url=None, lifespan=lifespan)  # docs UI needs a CDN
+    metrics = ServerMetrics()
+    info = bundle_info(model, options)
+    app.state.worker = worker
+    protected = ("/v1/", "/metrics")
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        path = request.url.path
+        route = path if path in ("/", "/healthz", "/metrics", "/v1/info", "/v1/generate") else "other"
+        response = await _guarded(request, call_next, path)
+        metrics.record_request(route, response.status_code)
+        return response
+
+    async def _guarded(request: Request, call_next, path: str) -> Response:
+        if options.token is not None and path.startswith(protected):
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {options.token}".encode()):
+                return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401,
+                                    headers={"WWW-Authenticate": "Bearer"})
+        if request.method == "POST":
+            length = request.headers.get("content-length")
+            if length is None or not length.isdigit():
+                return _error(411, "send a Content-Length header")
+            if int(length) > options.max_upload_bytes + FORM_OVERHEAD_BYTES:
+                return _error(413, f"upload is {int(length)} bytes; this server accepts at most "
+                                   f"{options.max_upload_bytes} per image")
+        try:
+            return await call_next(request)
+        except Exception as exc:  # never a traceback or a path in the answer
+            log.error("request failed", exc_info=exc)
+            return _error(500, "internal error")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(part) for part in first.get("loc", ())[1:]) or "request"
+        return _error(422, f"{where}: {first.get('msg', 'invalid value')}")
+
+    @app.exception_handler(HTTPProblem)
+    async def problem(request: Request, exc: HTTPProblem):
+        return _error(exc.status, str(exc))
+
+    @app.exception_handler(PaliGemmaEdgeError)
+    async def refused(request: Request, exc: PaliGemmaEdgeError):
+        return _error(422 if isinstance(exc, InputError) else 500, str(exc) if isinstance(exc, InputError)
+                      else "internal error")
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/v1/info")
+    async def v1_info():
+        return info
+
+    @app.get("/metrics")
+    async def v1_metrics():
+        return PlainTextResponse(metrics.render(worker.queue_depth), media_type="text/plain; version=0.0.4")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def kiosk():
+        return _static("index.html")
+
+    @app.get("/static/{name}")
+    async def static(name: str):
+        if name not in STATIC_FILES:
+            return _error(404, "no such file")
+        return _static(name)
+
+    @app.post("/v1/generate")
+    async def generate(
+        request: Request,
+        image: UploadFile = File(...),
+        prompt: str | None = Form(None), task: str | None = Form(None), lang: str | None = Form(None),
+        question: str | None = Form(None), objects: str | None = Form(None),
+        max_new_tokens: int | None = Form(None), temperature: float = Form(0.0),
+        top_k: int = Form(0), top_p: float = Form(1.0), seed: int | None = Form(None),
+        stream: bool = False,
+    ):
+        accepted = time.monotonic()
+        data = await image.read(options.max_upload_bytes + 1)
+        if len(data) > options.max_upload_bytes:
+            raise HTTPProblem(413, f"image file is over {options.max_upload_bytes} bytes")
+        picture = decode_image(data, options.max_image_pixels)
+        if max_new_tokens is None:
+            max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, options.max_new_tokens)
+        if max_new_tokens > options.max_new_tokens:
+            raise InputError(f"max_new_tokens is {max_new_tokens}; this server allows at most {options.max_new_tokens}")
+        generation_options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature,
+                                                top_k=top_k, top_p=top_p, seed=seed)
+        text_prompt = resolve_prompt(prompt, task, lang, question, objects)
+        model.tokenizer.encode(text_prompt)  # too long for the bundle: 422 now, not mid-stream
+        model.check_can_parse([text_prompt])
+        job = Job(picture, text_prompt, generation_options, deadline=accepted + options.request_timeout_s)
+
+        def finished(result, generation) -> dict:
+            metrics.record_generation(time.monotonic() - accepted, len(generation.token_ids),
+                                      generation.timings.decode_tokens_per_s)
+            return result.to_dict()
+
+        if stream:
+            return StreamingResponse(_stream(job, finished), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            future = worker.submit(job)
+            result, generation = await asyncio.wait_for(asyncio.wrap_future(future), options.request_timeout_s)
+        except asyncio.TimeoutError:
+            job.cancelled.set()
+            return _error(504, "request timed out")
+        except Exception as exc:
+            return _error(*_failure(exc))
+        return finished(result, generation)
+
+    async def _stream(job: Job, finished):
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        job.on_token = lambda chunk: loop.call_soon_threadsafe(events.put_nowait, ("token", chunk))
+        try:
+            future = worker.submit(job)
+        except QueueFull as exc:
+            yield _sse("error", {"status": 503, "error": f"server busy: {exc}"})
+            return
+        future.add_done_callback(lambda f: loop.call_soon_threadsafe(events.put_nowait, ("done", f)))
+        try:
+            while True:
+                kind, value = await events.get()
+                if kind == "token":
+                    yield _sse("token", {"token_id": value.token_id, "text": value.text})
+                    continue
+                try:
+                    result, generation = value.result()
+                except Exception as exc:
+                    status, message = _failure(exc)
+                    yield _sse("error", {"status": status, "error": message})
+                else:
+                    yield _sse("result", finished(result, generation))
+                return
+        finally:
+            job.cancelled.set()  # the client went away (or we are done): free the model
+
+    return app
+
+
+def _static(name: str) -> Response:
+    body = resources.files("paligemma_edge.apps").joinpath("static", name).read_bytes()
+    return Response(body, media_type=STATIC_FILES[name], headers={"Cache-Control": "no-cache"})
+
+
+def _check_port(host: str, port: int) -> None:
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        raise InputError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
+
+
+def serve(options: ServerOptions, progress=print) -> int:
+    """Load the bundle once and serve until interrupted."""
+    import uvicorn
+
+    token = options.token or os.environ.get("PALIGEMMA_EDGE_TOKEN") or None
+    options = ServerOptions(**{**options.__dict__, "token": token})
+    if not 0 < options.port < 65536:
+        raise InputError(f"--port must be 1..65535, got {options.port}")
+    _check_port(options.host, options.port)
+    progress(f"loading {options.bundle} ({options.backend})")
+    model = load(options.bundle, backend=options.backend, verify=options.verify, threads=options.threads)
+    app = create_app(model, options)
+    where = f"[{options.host}]" if ":" in options.host else options.host
+    progress(f"serving on http://{where}:{options.port}/ (API: /v1/generate, /v1/info, /metrics; "
+             f"{'bearer token required' if token else 'no token'}); Ctrl-C stops")
+    uvicorn.Server(uvicorn.Config(app, host=options.host, port=options.port, log_level="warning",
+                                  timeout_graceful_shutdown=5)).run()
+    model.close()
+    return 0

@@ -1,0 +1,243 @@
+"""Train paligemma-shapes: a small PaliGemma 2 that answers every task prefix on the shapes scenes.
+
+    python -m paligemma_edge.shapes.train OUTPUT_DIR [--steps N] [--vqvae-steps N]
+
+Steps: train the mask VQ-VAE (its encoder gives each shape's 16 seg codes, its decoder becomes
+``vae-oid.npz``); build a small PaliGemmaForConditionalGeneration (real architecture, word-level
+BPE tokenizer plus the 1024 loc and 128 seg tokens); train it with transformers + torch on CPU
+(bf16 autocast, loss on the suffix only, one random task per scene); save a normal Hugging Face
+checkpoint with the npz and a sample picture. Fixed seeds: the same command gives the same model
+on the same software. Needs the ``export`` extra (torch, transformers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..export.tiny import TinySpec, build_model, build_tokenizer
+from . import scenes, tasks, vqvae
+
+# Sampling weight of each task type per scene (the harder tasks more often).
+TASK_WEIGHTS = {"caption": 2.0, "answer": 1.5, "ocr": 1.0, "detect": 2.5, "segment": 2.0}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    image_size: int = 112
+    patch_size: int = 14
+    vision_hidden: int = 192
+    vision_layers: int = 4
+    vision_heads: int = 4
+    text_hidden: int = 256
+    text_layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 64
+    steps: int = 3200
+    batch: int = 48
+    lr: float = 1e-3
+    warmup: int = 150
+    decay_from: float = 0.6  # fraction of the steps after which the lr follows a cosine to 5%
+    weight_decay: float = 0.01
+    seed: int = 0
+    vqvae_steps: int = 800
+
+    def spec(self) -> TinySpec:
+        return TinySpec(
+            family=2, image_size=self.image_size, patch_size=self.patch_size,
+            vision_hidden=self.vision_hidden, vision_intermediate=4 * self.vision_hidden,
+            vision_layers=self.vision_layers, vision_heads=self.vision_heads,
+            text_hidden=self.text_hidden, text_intermediate=4 * self.text_hidden, text_layers=self.text_layers,
+            heads=self.heads, kv_heads=self.kv_heads, head_dim=self.head_dim,
+            sliding_window=512, decoder_weight_std=None, real_softcaps=True, seed=self.seed,
+        )
+
+
+def corpus(scenes_used: int = 3000) -> list[str]:
+    """The prompts and answers of the first training scenes, so each word becomes one token."""
+    placeholder = {shape: [0] * 16 for shape in scenes.SHAPES}
+    lines = []
+    for index in range(scenes_used):
+        scene = scenes.scene("train", index)
+        for prefix, suffix in tasks.examples(scene, placeholder, np.random.default_rng(index)):
+            lines += [prefix, re.sub(r"<(loc|seg)\d+>", "", suffix)]  # those are added tokens
+    lines += [" ".join(scenes.WORDS), " ".join(str(n) for n in range(100))]
+    lines += list(scenes.WORDS) + [str(n) for n in range(100)]
+    return lines
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    if step < config.warmup:
+        return config.lr * (step + 1) / config.warmup
+    start = int(config.decay_from * config.steps)
+    if step < start:
+        return config.lr
+    progress = (step - start) / max(1, config.steps - start)
+    return config.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _task_kind(prefix: str) -> str:
+    return prefix.split(" ", 1)[0]
+
+
+def sample_example(index: int, seg_codes: dict[str, list[int]]) -> tuple[scenes.Scene, str, str]:
+    """Training scene ``index`` with one of its (prefix, suffix) pairs, drawn by TASK_WEIGHTS."""
+    rng = np.random.default_rng([7, index])
+    scene = scenes.scene("train", index)
+    pairs = tasks.examples(scene, seg_codes, rng)
+    weights = np.array([TASK_WEIGHTS[_task_kind(p)] for p, _ in pairs])
+    # each kind's weight is shared by its pairs, so a scene with many questions is not all questions
+    kinds = [_task_kind(p) for p, _ in pairs]
+    weights = weights / np.array([kinds.count(k) for k in kinds])
+    prefix, suffix = pairs[rng.choice(len(pairs), p=weights / weights.sum())]
+    return scene, prefix, suffix
+
+
+def pixel_values(images, size: int) -> np.ndarray:
+    """What the processor does (PIL bicubic resize, rescale, normalize with 0.5 / 0.5)."""
+    from PIL import Image
+
+    arrays = [np.asarray(im.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float64) / 255.0 for im in images]
+    return ((np.stack(arrays).astype(np.float32) - 0.5) / 0.5).transpose(0, 3, 1, 2)
+
+
+class Batcher:
+    """Token ids, masks and labels laid out as PaliGemmaProcessor does with ``suffix=``."""
+
+    def __init__(self, tokenizer, image_tokens: int, image_id: int):
+        self.tokenizer, self.image_tokens, self.image_id = tokenizer, image_tokens, image_id
+
+    def ids(self, prefix: str, suffix: str) -> tuple[list[int], list[int]]:
+        tok = self.tokenizer
+        head = [self.image_id] * self.image_tokens + [tok.bos_token_id] + tok.encode(prefix + "\n", add_special_tokens=False)
+        return head, tok.encode(suffix, add_special_tokens=False) + [tok.eos_token_id]
+
+    def __call__(self, pairs: list[tuple[str, str]]):
+        import torch
+
+        rows = [self.ids(p, s) for p, s in pairs]
+        length = max(len(h) + len(t) for h, t in rows)
+        shape = (len(rows), length)
+        input_ids = torch.full(shape, self.tokenizer.pad_token_id, dtype=torch.long)
+        attention = torch.zeros(shape, dtype=torch.long)
+        token_type = torch.ones(shape, dtype=torch.long)
+        labels = torch.full(shape, -100, dtype=torch.long)
+        for i, (head, tail) in enumerate(rows):  # right padding: positions stay 1..n for real tokens
+            n = len(head) + len(tail)
+            input_ids[i, :n] = torch.tensor(head + tail)
+            attention[i, :n] = 1
+            token_type[i, : len(head)] = 0
+            labels[i, len(head):n] = torch.tensor(tail)
+        return dict(input_ids=input_ids, attention_mask=attention, token_type_ids=token_type, labels=labels)
+
+
+def smooth_loc_embeddings(model, tokenizer, seed: int) -> None:
+    """Start the loc-token rows as a smooth function of the bin (neighbouring bins alike), so the
+    model can place boxes before it has seen every bin."""
+    import torch
+
+    ids = tokenizer.convert_tokens_to_ids([f"<loc{i:04d}>" for i in range(1024)])
+    table = model.get_input_embeddings().weight
+    generator = torch.Generator().manual_seed(seed)
+    bins = torch.arange(1024, dtype=torch.float32)[:, None]
+    freqs = 2 * math.pi * torch.logspace(0, math.log10(64), 16)[None] / 1024
+    features = torch.cat([torch.sin(bins * freqs), torch.cos(bins * freqs)], dim=1)
+    projected = features @ torch.randn(32, table.shape[1], generator=generator)
+    with torch.no_grad():
+        scale = table.std() / projected.std()
+        table[ids] = projected * scale
+
+
+def train(output_dir: Path, config: TrainConfig, log=print) -> dict:
+    import torch
+
+    torch.manual_seed(config.seed)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    started = time.time()
+
+    log(f"[1/3] VQ-VAE: {config.vqvae_steps} steps on shape masks")
+    mask_model = vqvae.train(steps=config.vqvae_steps, seed=config.seed)
+    seg_codes = {s: [int(c) for c in mask_model.encode(scenes.box_mask(s)[None])[0]] for s in scenes.SHAPES}
+    recon = {s: vqvae.mask_iou(
+        (mask_model.decoder(mask_model.lookup(torch.tensor([seg_codes[s]]))) > 0).numpy()[:, 0], scenes.box_mask(s)[None]
+    ) for s in scenes.SHAPES}
+    log(f"      seg codes {seg_codes}; reconstruction IoU {recon}")
+
+    spec = config.spec()
+    model, processor = build_model(spec, build_tokenizer(corpus(), vocab_size=500))
+    tokenizer = processor.tokenizer
+    smooth_loc_embeddings(model, tokenizer, config.seed)
+    model.train()
+    image_tokens = (config.image_size // config.patch_size) ** 2
+    batcher = Batcher(tokenizer, image_tokens, model.config.image_token_id)
+    parameters = sum(p.numel() for p in model.parameters())
+    log(f"[2/3] PaliGemma: {parameters / 1e6:.1f}M parameters, {image_tokens} image tokens, "
+        f"{config.steps} steps x {config.batch}")
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr, betas=(0.9, 0.98),
+    )
+    running: dict[str, list[float]] = {}
+    for step in range(config.steps):
+        examples = [sample_example(step * config.batch + i, seg_codes) for i in range(config.batch)]
+        pixels = torch.from_numpy(pixel_values([scenes.render(s) for s, _, _ in examples], config.image_size))
+        batch = batcher([(p, s) for _, p, s in examples])
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, config)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(pixel_values=pixels, **{k: v for k, v in batch.items() if k != "labels"}).logits
+        token_loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), batch["labels"][:, 1:], reduction="none"
+        )
+        mask = (batch["labels"][:, 1:] != -100).float()
+        loss = (token_loss * mask).sum() / mask.sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        per_row = ((token_loss * mask).sum(1) / mask.sum(1)).tolist()
+        for (_, prefix, _), value in zip(examples, per_row):
+            running.setdefault(_task_kind(prefix), []).append(value)
+        if (step + 1) % 50 == 0 or step + 1 == config.steps:
+            summary = " ".join(f"{k} {np.mean(v):.3f}" for k, v in sorted(running.items()))
+            log(f"      step {step + 1}/{config.steps} lr {lr_at(step, config):.2e} loss {summary} "
+                f"({time.time() - started:.0f} s)")
+            running = {}
+
+    log(f"[3/3] saving to {output_dir}")
+    model.eval()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.to(torch.float16).save_pretrained(output_dir)  # 16-bit keeps the committed checkpoint small
+    processor.save_pretrained(output_dir)
+    vqvae.save_npz(mask_model, output_dir / "vae-oid.npz")
+    scenes.render(scenes.scene("heldout", 0)).save(output_dir / "sample.png")
+    record = {"config": asdict(config), "seg_codes": seg_codes, "train_seconds": round(time.time() - started),
+              "parameters": parameters}
+    (output_dir / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("output", type=Path, help="checkpoint directory to write")
+    parser.add_argument("--steps", type=int, default=TrainConfig.steps)
+    parser.add_argument("--batch", type=int, default=TrainConfig.batch)
+    parser.add_argument("--vqvae-steps", type=int, default=TrainConfig.vqvae_steps)
+    args = parser.parse_args(argv)
+    config = TrainConfig(steps=args.steps, batch=args.batch, vqvae_steps=args.vqvae_steps)
+    train(args.output, config, log=lambda line: print(line, flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
