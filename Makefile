@@ -1,9 +1,10 @@
-# paligemma-edge: `make demo` installs everything and runs the whole pipeline on a tiny
-# model built locally; `make test` runs the test suite (what CI runs).
+# paligemma-edge: `make demo` installs everything and runs the whole pipeline on the small
+# paligemma-shapes model trained in this repo; `make test` runs the test suite (what CI runs).
 PYTHON ?= python3
 export PIP_ROOT_USER_ACTION := ignore
 PIP := $(PYTHON) -m pip
 DEMO := build/demo
+SHAPES := models/paligemma-shapes
 # torch is pinned to the CPU wheel this project is tested with (an open range pulls a CUDA build).
 TORCH := torch==2.13.0
 
@@ -16,14 +17,13 @@ install:
 install-runtime:  # what a device needs: numpy, pillow, tokenizers, onnxruntime
 	$(PIP) install -q -e .
 
-demo: install
-	$(PYTHON) -m paligemma_edge.export.tiny $(DEMO)/checkpoint --family 2
-	$(PYTHON) -m paligemma_edge export $(DEMO)/checkpoint --output $(DEMO)/bundle --force \
-		--mask-decoder $(DEMO)/checkpoint/vae-oid.npz
-	$(PYTHON) -m paligemma_edge run $(DEMO)/bundle --image $(DEMO)/checkpoint/sample.png \
-		--prompt "caption en" --prompt "answer en how many shapes are there" --max-new-tokens 12 --json
-	$(PYTHON) -m paligemma_edge run $(DEMO)/bundle --image $(DEMO)/checkpoint/sample.png \
-		--task detect --objects "circle ; square" --draw $(DEMO)/detections.png
+demo: install  # paligemma-shapes (trained here): export, int8, every task on held-out scenes, overlays
+	$(PYTHON) -m paligemma_edge export $(SHAPES) --output $(DEMO)/shapes-fp32 --force \
+		--mask-decoder $(SHAPES)/vae-oid.npz
+	$(PYTHON) -m paligemma_edge quantize $(DEMO)/shapes-fp32 --precision int8 --output $(DEMO)/shapes-int8 --force
+	$(PYTHON) -m paligemma_edge.shapes.demo $(DEMO)/shapes-int8 --out $(DEMO)/overlays --scenes 4
+	$(PYTHON) -m paligemma_edge run $(DEMO)/shapes-int8 --image $(SHAPES)/sample.png --task detect \
+		--objects "circle ; square ; triangle" --draw $(DEMO)/detections.png
 
 test: install
 	$(PYTHON) -m pytest -q

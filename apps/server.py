@@ -40,7 +40,7 @@ from .worker import Cancelled, DeadlineExceeded, Job, ModelWorker, QueueFull
 log = logging.getLogger("paligemma_edge.serve")
 STATIC_FILES = {"index.html": "text/html", "kiosk.js": "text/javascript", "kiosk.css": "text/css"}
 FORM_OVERHEAD_BYTES = 64 * 1024  # multipart boundaries and the text fields around the image
-DEFAULT_MAX_NEW_TOKENS = 64
+DEFAULT_MAX_NEW_TOKENS = 128  # generation stops at eos; room for several segmented objects
 
 
 @dataclass(frozen=True)

@@ -102,7 +102,8 @@ def _cmd_quantize(args) -> int:
 def _cmd_compare(args) -> int:
     from .quantize.compare import compare_bundles, write_report
 
-    comparison = compare_bundles(args.reference, args.candidate, args.images, args.prompts, args.max_new_tokens)
+    comparison = compare_bundles(args.reference, args.candidate, args.images, args.prompts, args.max_new_tokens,
+                                 dataset=args.dataset, dataset_n=args.n)
     print(comparison.markdown(), end="", flush=True)
     if args.json:
         write_report(comparison, args.json)
@@ -345,7 +346,11 @@ def build_parser() -> argparse.ArgumentParser:
     compare = commands.add_parser("compare", help="measure a candidate bundle against a reference on the same inputs")
     compare.add_argument("reference", help="reference bundle, e.g. the fp32 export")
     compare.add_argument("candidate", help="candidate bundle, e.g. its int4 quantization")
-    compare.add_argument("--images", required=True, metavar="DIR", help="directory of images to run")
+    compare.add_argument("--images", metavar="DIR", help="directory of images to run (or --dataset)")
+    compare.add_argument("--dataset", choices=("shapes",),
+                         help="add task metrics on held-out scenes (for paligemma-shapes bundles); without "
+                              "--images its first 8 held-out pictures are the token-agreement inputs")
+    compare.add_argument("--n", type=_positive_int, default=100, help="held-out scenes for --dataset (default 100)")
     compare.add_argument("--prompts", metavar="FILE",
                          help="one prompt a line, optionally 'prompt<TAB>expected answer' (default: task prefixes)")
     compare.add_argument("--max-new-tokens", type=_positive_int, default=32)

@@ -50,6 +50,8 @@ class Comparison:
     max_abs_logit_diff: float
     mean_abs_logit_diff: float
     max_new_tokens: int
+    # with a dataset: its task metrics for each bundle, {"reference": {...}, "candidate": {...}}
+    task_metrics: dict[str, dict[str, float]] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,7 +78,12 @@ class Comparison:
             f"| top-1 agreement under teacher forcing | {self.top1_agreement:.1%} |",
             f"| max / mean abs logit difference | {self.max_abs_logit_diff:.4g} / {self.mean_abs_logit_diff:.4g} |",
         ]
-        return "\n".join(rows + summary) + "\n"
+        tasks = []
+        if self.task_metrics:
+            ref_m, cand_m = self.task_metrics["reference"], self.task_metrics["candidate"]
+            tasks = ["", "| task metric (held-out shapes) | reference | candidate |", "|---|---|---|"]
+            tasks += [f"| {name} | {ref_m[name]:.3f} | {cand_m[name]:.3f} |" for name in ref_m]
+        return "\n".join(rows + summary + tasks) + "\n"
 
 
 def read_cases(prompts_file: Path | None) -> list[Case]:
@@ -158,15 +165,33 @@ def _teacher_forced(reference: PaliGemma, candidate: PaliGemma, image, prompt: s
     return hits, count
 
 
-def compare_bundles(reference: str | Path, candidate: str | Path, images_dir: str | Path,
-                    prompts_file: str | Path | None = None, max_new_tokens: int = 32) -> Comparison:
+def _shapes_metrics(bundle: Path, n: int) -> dict[str, float]:
+    from ..shapes.evaluate import evaluate_shapes
+
+    with load(bundle, verify=False) as model:
+        return evaluate_shapes(model, n=n).metrics()
+
+
+def _shapes_pictures(count: int = 8) -> list:
+    from ..shapes import scenes
+
+    return [scenes.render(scenes.scene("heldout", index)) for index in range(count)]
+
+
+def compare_bundles(reference: str | Path, candidate: str | Path, images_dir: str | Path | None = None,
+                    prompts_file: str | Path | None = None, max_new_tokens: int = 32,
+                    dataset: str | None = None, dataset_n: int = 100) -> Comparison:
+    """Token agreement on ``images_dir`` (or a dataset's first held-out pictures); with ``dataset``
+    ("shapes"), also each bundle's task metrics on its first ``dataset_n`` held-out scenes."""
     reference, candidate = Path(reference), Path(candidate)
     manifests = [read_manifest(b) if b.is_dir() else None for b in (reference, candidate)]
     if None in manifests:
         raise InputError(f"{reference if manifests[0] is None else candidate}: no such bundle directory")
     if manifests[0].decoder.vocab_size != manifests[1].decoder.vocab_size:
         raise InputError("the two bundles have different vocabularies: not the same model")
-    pictures = [load_image(p) for p in images_in(Path(images_dir))]
+    if images_dir is None and dataset is None:
+        raise InputError("give --images DIR or --dataset shapes")
+    pictures = [load_image(p) for p in images_in(Path(images_dir))] if images_dir else _shapes_pictures()
     cases = read_cases(Path(prompts_file) if prompts_file else None)
     inputs = [(image, case) for image in pictures for case in cases]
     options = GenerationOptions(max_new_tokens=max_new_tokens)
@@ -191,6 +216,10 @@ def compare_bundles(reference: str | Path, candidate: str | Path, images_dir: st
         exact_match_rate=sum(d is None for d in divergence) / len(inputs), first_divergence_steps=divergence,
         top1_agreement=hits / total if total else 1.0, max_abs_logit_diff=deltas.maximum,
         mean_abs_logit_diff=deltas.mean, max_new_tokens=max_new_tokens,
+        task_metrics=None if dataset is None else {
+            "reference": _shapes_metrics(reference, dataset_n),
+            "candidate": _shapes_metrics(candidate, dataset_n),
+        },
     )
 
 

@@ -15,6 +15,7 @@ from ..runtime.drawing import draw_results
 from ..runtime.errors import PaliGemmaEdgeError
 from ..runtime.model import load
 from . import scenes, tasks
+from .evaluate import OPTIONS
 
 
 def _mark(answer: str, truth: str) -> str:
@@ -32,16 +33,16 @@ def run_demo(bundle: str | Path, out: str | Path, count: int = 4, print_line=pri
             print_line(f"scene {index}: {', '.join(o.name for o in scene.objects)}"
                        + (f", text '{scene.text}'" if scene.text else ""))
             truth = tasks.caption(scene)
-            answer = model.caption(image).text
+            answer = model.caption(image, options=OPTIONS).text
             print_line(f"  {_mark(answer, truth)} caption en  -> {answer!r}  (truth {truth!r})")
             for question, truth in tasks.questions(scene):
-                answer = model.answer(image, question).text
+                answer = model.answer(image, question, options=OPTIONS).text
                 print_line(f"  {_mark(answer, truth)} {question}  -> {answer!r}  (truth {truth!r})")
             if scene.text:
-                answer = model.ocr(image).text
+                answer = model.ocr(image, options=OPTIONS).text
                 print_line(f"  {_mark(answer, scene.text)} ocr  -> {answer!r}  (truth {scene.text!r})")
             names = scene.shapes_present()
-            segmented = model.segment(image, names)
+            segmented = model.segment(image, names, options=OPTIONS)
             truth_labels = sorted(o.shape for o in scene.objects)
             found = sorted(s.label for s in segmented.objects)
             print_line(f"  {_mark(' '.join(found), ' '.join(truth_labels))} segment {' ; '.join(names)}  -> "

@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import re
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,6 +50,9 @@ class TrainConfig:
     weight_decay: float = 0.01
     seed: int = 0
     vqvae_steps: int = 800
+    task_weights: tuple[tuple[str, float], ...] = tuple(TASK_WEIGHTS.items())
+    scene_offset: int = 0  # first training scene index (a resumed stage sees new scenes)
+    resume_from: str | None = None  # a checkpoint this script wrote: keep training it
 
     def spec(self) -> TinySpec:
         return TinySpec(
@@ -88,12 +92,13 @@ def _task_kind(prefix: str) -> str:
     return prefix.split(" ", 1)[0]
 
 
-def sample_example(index: int, seg_codes: dict[str, list[int]]) -> tuple[scenes.Scene, str, str]:
-    """Training scene ``index`` with one of its (prefix, suffix) pairs, drawn by TASK_WEIGHTS."""
+def sample_example(index: int, seg_codes: dict[str, list[int]], task_weights: dict[str, float] = TASK_WEIGHTS
+                   ) -> tuple[scenes.Scene, str, str]:
+    """Training scene ``index`` with one of its (prefix, suffix) pairs, drawn by ``task_weights``."""
     rng = np.random.default_rng([7, index])
     scene = scenes.scene("train", index)
     pairs = tasks.examples(scene, seg_codes, rng)
-    weights = np.array([TASK_WEIGHTS[_task_kind(p)] for p, _ in pairs])
+    weights = np.array([task_weights[_task_kind(p)] for p, _ in pairs])
     # each kind's weight is shared by its pairs, so a scene with many questions is not all questions
     kinds = [_task_kind(p) for p, _ in pairs]
     weights = weights / np.array([kinds.count(k) for k in kinds])
@@ -156,12 +161,9 @@ def smooth_loc_embeddings(model, tokenizer, seed: int) -> None:
         table[ids] = projected * scale
 
 
-def train(output_dir: Path, config: TrainConfig, log=print) -> dict:
+def _fresh(config: TrainConfig, log):
+    """Stage one: the VQ-VAE and its seg codes, then a new model from the config."""
     import torch
-
-    torch.manual_seed(config.seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    started = time.time()
 
     log(f"[1/3] VQ-VAE: {config.vqvae_steps} steps on shape masks")
     mask_model = vqvae.train(steps=config.vqvae_steps, seed=config.seed)
@@ -170,13 +172,40 @@ def train(output_dir: Path, config: TrainConfig, log=print) -> dict:
         (mask_model.decoder(mask_model.lookup(torch.tensor([seg_codes[s]]))) > 0).numpy()[:, 0], scenes.box_mask(s)[None]
     ) for s in scenes.SHAPES}
     log(f"      seg codes {seg_codes}; reconstruction IoU {recon}")
+    model, processor = build_model(config.spec(), build_tokenizer(corpus(), vocab_size=500))
+    smooth_loc_embeddings(model, processor.tokenizer, config.seed)
+    return model, processor, seg_codes, mask_model
 
-    spec = config.spec()
-    model, processor = build_model(spec, build_tokenizer(corpus(), vocab_size=500))
+
+def _resume(source: Path, log):
+    """A checkpoint this script wrote, with its seg codes and training history (its mask decoder is kept)."""
+    import torch
+    from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
+
+    log(f"[1/3] resuming from {source}: its seg codes and mask decoder are kept")
+    previous = json.loads((source / "training.json").read_text())
+    model = PaliGemmaForConditionalGeneration.from_pretrained(source, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(source, backend="pil")
+    return model, processor, previous["seg_codes"], previous["stages"]
+
+
+def train(output_dir: Path, config: TrainConfig, log=print) -> dict:
+    import torch
+
+    torch.manual_seed(config.seed)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    started = time.time()
+
+    if config.resume_from:
+        model, processor, seg_codes, history = _resume(Path(config.resume_from), log)
+    else:
+        model, processor, seg_codes, mask_model = _fresh(config, log)
+        history = []
     tokenizer = processor.tokenizer
-    smooth_loc_embeddings(model, tokenizer, config.seed)
     model.train()
-    image_tokens = (config.image_size // config.patch_size) ** 2
+    image_size = model.config.vision_config.image_size
+    image_tokens = (image_size // model.config.vision_config.patch_size) ** 2
+    weights = dict(config.task_weights)
     batcher = Batcher(tokenizer, image_tokens, model.config.image_token_id)
     parameters = sum(p.numel() for p in model.parameters())
     log(f"[2/3] PaliGemma: {parameters / 1e6:.1f}M parameters, {image_tokens} image tokens, "
@@ -189,8 +218,9 @@ def train(output_dir: Path, config: TrainConfig, log=print) -> dict:
     )
     running: dict[str, list[float]] = {}
     for step in range(config.steps):
-        examples = [sample_example(step * config.batch + i, seg_codes) for i in range(config.batch)]
-        pixels = torch.from_numpy(pixel_values([scenes.render(s) for s, _, _ in examples], config.image_size))
+        first = config.scene_offset + step * config.batch
+        examples = [sample_example(first + i, seg_codes, weights) for i in range(config.batch)]
+        pixels = torch.from_numpy(pixel_values([scenes.render(s) for s, _, _ in examples], image_size))
         batch = batcher([(p, s) for _, p, s in examples])
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config)
@@ -219,10 +249,13 @@ def train(output_dir: Path, config: TrainConfig, log=print) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
     model.to(torch.float16).save_pretrained(output_dir)  # 16-bit keeps the committed checkpoint small
     processor.save_pretrained(output_dir)
-    vqvae.save_npz(mask_model, output_dir / "vae-oid.npz")
+    if config.resume_from:
+        shutil.copyfile(Path(config.resume_from) / "vae-oid.npz", output_dir / "vae-oid.npz")
+    else:
+        vqvae.save_npz(mask_model, output_dir / "vae-oid.npz")
     scenes.render(scenes.scene("heldout", 0)).save(output_dir / "sample.png")
-    record = {"config": asdict(config), "seg_codes": seg_codes, "train_seconds": round(time.time() - started),
-              "parameters": parameters}
+    stage = {"config": asdict(config), "train_seconds": round(time.time() - started)}
+    record = {"seg_codes": seg_codes, "parameters": parameters, "stages": history + [stage]}
     (output_dir / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
 
@@ -233,8 +266,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
     parser.add_argument("--batch", type=int, default=TrainConfig.batch)
     parser.add_argument("--vqvae-steps", type=int, default=TrainConfig.vqvae_steps)
+    parser.add_argument("--lr", type=float, default=TrainConfig.lr)
+    parser.add_argument("--warmup", type=int, default=TrainConfig.warmup)
+    parser.add_argument("--decay-from", type=float, default=TrainConfig.decay_from,
+                        help="fraction of the steps after which the lr decays (cosine to 5%%)")
+    parser.add_argument("--task-weights", default=",".join(f"{k}={v:g}" for k, v in TASK_WEIGHTS.items()),
+                        help="sampling weight per task kind, e.g. 'caption=2,answer=1.5,ocr=1,detect=2.5,segment=2'")
+    parser.add_argument("--scene-offset", type=int, default=0, help="index of the first training scene")
+    parser.add_argument("--resume-from", help="keep training a checkpoint this script wrote")
     args = parser.parse_args(argv)
-    config = TrainConfig(steps=args.steps, batch=args.batch, vqvae_steps=args.vqvae_steps)
+    weights = {k: float(v) for k, v in (item.split("=") for item in args.task_weights.split(","))}
+    if set(weights) != set(TASK_WEIGHTS):
+        parser.error(f"--task-weights needs exactly {', '.join(TASK_WEIGHTS)}")
+    config = TrainConfig(steps=args.steps, batch=args.batch, vqvae_steps=args.vqvae_steps, lr=args.lr,
+                         warmup=args.warmup, decay_from=args.decay_from, task_weights=tuple(weights.items()),
+                         scene_offset=args.scene_offset, resume_from=args.resume_from)
     train(args.output, config, log=lambda line: print(line, flush=True))
     return 0
 
