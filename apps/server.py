@@ -331,7 +331,13 @@ def serve(options: ServerOptions, progress=print) -> int:
     where = f"[{options.host}]" if ":" in options.host else options.host
     progress(f"serving on http://{where}:{options.port}/ (API: /v1/generate, /v1/info, /metrics; "
              f"{'bearer token required' if token else 'no token'}); Ctrl-C stops")
-    uvicorn.Server(uvicorn.Config(app, host=options.host, port=options.port, log_level="warning",
-                                  timeout_graceful_shutdown=5)).run()
-    model.close()
+    server = uvicorn.Server(uvicorn.Config(app, host=options.host, port=options.port, log_level="warning",
+                                           timeout_graceful_shutdown=5))
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn shuts down gracefully, then re-raises the signal: a normal stop
+        pass
+    finally:
+        model.close()
+    progress("stopped")
     return 0

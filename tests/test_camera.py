@@ -178,9 +178,10 @@ def test_bad_options_fail_before_loading(bundle, video, tmp_path):
                           "unknown video extension '.gif'")
     assert_one_line_error(camera(bundle, video, "--task", "caption", "--out", str(tmp_path / "no" / "r.jsonl")),
                           "no such directory")
-    # No mask decoder in this bundle: segment fails before the source is opened.
-    assert_one_line_error(camera(bundle, tmp_path / "missing.mp4", "--task", "segment", "--objects", "square"),
-                          "no mask decoder")
+    # A source that does not open fails before the model loads; segment without a mask decoder
+    # fails before the first frame.
+    assert_one_line_error(camera(bundle, tmp_path / "missing.mp4", "--task", "caption"), "no such video file")
+    assert_one_line_error(camera(bundle, video, "--task", "segment", "--objects", "square"), "no mask decoder")
 
 
 def test_camera_options_are_checked():
