@@ -121,7 +121,7 @@ _DTYPES = {"FLOAT": "float32", "HALF": "float16", "INT64": "int64", "BOOL": "boo
 
 
 def _build_one(trt, bundle: Path, graph: GraphSpec, name: str, options: EngineOptions, max_seq_len: int,
-               cache, step: Progress) -> tuple[bytes, EngineSpec, object]:
+               cache: bytes, step: Progress) -> tuple[bytes, EngineSpec, bytes]:
     collector = _Logger(trt)
     builder = trt.Builder(collector.logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
@@ -131,9 +131,9 @@ def _build_one(trt, bundle: Path, graph: GraphSpec, name: str, options: EngineOp
         messages = [parser.get_error(i).desc() for i in range(parser.num_errors)] or collector.errors
         raise EngineBuildError(f"TensorRT cannot parse {graph.file}: {'; '.join(messages[:3])}")
     config = builder.create_builder_config()
-    if cache is None:
-        data = options.timing_cache.read_bytes() if options.timing_cache and options.timing_cache.is_file() else b""
-        cache = config.create_timing_cache(data)
+    # The cache travels as bytes: a timing-cache object dies with the builder that made it, and
+    # handing it to the next engine's builder crashed TensorRT for RTX (a segfault).
+    cache = config.create_timing_cache(cache)
     config.set_timing_cache(cache, ignore_mismatch=False)
     profiles = profiles_for(graph, name, options.max_batch, max_seq_len)
     for shapes in profiles.values():
@@ -149,7 +149,7 @@ def _build_one(trt, bundle: Path, graph: GraphSpec, name: str, options: EngineOp
     inputs, outputs = (tuple(TensorSpec(t.name, _DTYPES.get(t.dtype.name, t.dtype.name.lower()), tuple(t.shape))
                              for t in tensors) for tensors in io)
     spec = EngineSpec(file="", graph=name, inputs=inputs, outputs=outputs, profiles=profiles)
-    return bytes(serialized), spec, config.get_timing_cache()
+    return bytes(serialized), spec, bytes(config.get_timing_cache().serialize())
 
 
 def build_engines(bundle: str | Path, options: EngineOptions = EngineOptions(),
@@ -170,13 +170,13 @@ def build_engines(bundle: str | Path, options: EngineOptions = EngineOptions(),
         progress(f"[{time.perf_counter() - started:6.1f}s] {message}")
 
     tag = device_tag(options.flavour, trt.__version__, gpu_description())
-    cache = None
+    cache = options.timing_cache.read_bytes() if options.timing_cache and options.timing_cache.is_file() else b""
     built = {}
     for name, graph in (("vision", manifest.vision_graph), ("decoder", manifest.decoder_graph)):
         data, spec, cache = _build_one(trt, bundle, graph, name, options, max_seq_len, cache, step)
         built[name] = (data, replace(spec, file=f"{name}.{tag}.engine"))
     if options.timing_cache:
-        options.timing_cache.write_bytes(bytes(cache.serialize()))
+        options.timing_cache.write_bytes(cache)
     for data, spec in built.values():
         temporary = bundle / f".{spec.file}.partial"
         temporary.write_bytes(data)
