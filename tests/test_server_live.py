@@ -177,6 +177,7 @@ def test_kiosk_page_in_headless_chromium(shapes_bundle, tmp_path):
             page.wait_for_function("document.getElementById('model-info').textContent.includes('PaliGemma')")
             page.set_input_files("#file", str(image))
             page.select_option("#task", "segment")
+            shown = {field: page.is_visible(field) for field in ("#objects", "#question", "#prompt", "#lang", "#token")}
             page.fill("#objects", "circle")
             page.click("#run")
             page.wait_for_function("['done', 'error'].includes(document.body.dataset.state)", timeout=60_000)
@@ -194,6 +195,7 @@ def test_kiosk_page_in_headless_chromium(shapes_bundle, tmp_path):
             browser.close()
     finally:
         assert kiosk.stop()[0] == 0
+    assert shown == {"#objects": True, "#question": False, "#prompt": False, "#lang": False, "#token": False}
     assert status.startswith("done"), status
     assert answer == expected["text"]
     assert len(listed) == len(expected["segmentations"]) and listed[0].startswith("circle")
