@@ -18,6 +18,7 @@ install-runtime:  # what a device needs: numpy, pillow, tokenizers, onnxruntime
 	$(PIP) install -q -e .
 
 demo: install  # paligemma-shapes (trained here): export, int8, every task on held-out scenes, overlays
+	mkdir -p $(DEMO)
 	$(PYTHON) -m paligemma_edge export $(SHAPES) --output $(DEMO)/shapes-fp32 --force \
 		--mask-decoder $(SHAPES)/vae-oid.npz
 	$(PYTHON) -m paligemma_edge quantize $(DEMO)/shapes-fp32 --precision int8 --output $(DEMO)/shapes-int8 --force
