@@ -24,7 +24,7 @@ demo: install  # paligemma-shapes (trained here): export, int8, every task on he
 	$(PYTHON) -m paligemma_edge quantize $(DEMO)/shapes-fp32 --precision int8 --output $(DEMO)/shapes-int8 --force
 	$(PYTHON) -m paligemma_edge.shapes.demo $(DEMO)/shapes-int8 --out $(DEMO)/overlays --scenes 4
 	$(PYTHON) -m paligemma_edge run $(DEMO)/shapes-int8 --image $(SHAPES)/sample.png --task detect \
-		--objects "circle ; square ; triangle" --draw $(DEMO)/detections.png
+		--objects circle --draw $(DEMO)/detections.png
 
 test: install
 	$(PYTHON) -m pytest -q
