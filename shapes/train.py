@@ -275,7 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scene-offset", type=int, default=0, help="index of the first training scene")
     parser.add_argument("--resume-from", help="keep training a checkpoint this script wrote")
     args = parser.parse_args(argv)
-    weights = {k: float(v) for k, v in (item.split("=") for item in args.task_weights.split(","))}
+    try:
+        weights = {k.strip(): float(v) for k, v in (item.split("=") for item in args.task_weights.split(","))}
+    except ValueError:
+        parser.error(f"--task-weights: expected kind=number pairs, got '{args.task_weights}'")
     if set(weights) != set(TASK_WEIGHTS):
         parser.error(f"--task-weights needs exactly {', '.join(TASK_WEIGHTS)}")
     config = TrainConfig(steps=args.steps, batch=args.batch, vqvae_steps=args.vqvae_steps, lr=args.lr,
