@@ -36,7 +36,7 @@ class Cancelled(Exception):
 @dataclass
 class Job:
     image: object  # an RGB PIL image
-    prompt: str
+    prompt: str  # checked by the caller: fits the bundle, and parseable (model.check_can_parse)
     options: GenerationOptions
     deadline: float  # time.monotonic() value
     on_token: Callable[[TokenChunk], None] | None = None
@@ -74,7 +74,6 @@ class ModelWorker:
                 raise DeadlineExceeded(started=False)
             if job.cancelled.is_set():
                 raise Cancelled()
-            self.model.check_can_parse([job.prompt])
             stream = self.model.stream_generation(job.image, job.prompt, job.options)
             try:
                 while True:

@@ -306,6 +306,23 @@ def _draw(picture, objects, path: str) -> None:
     print(f"drew {len(objects)} object(s) on {path}", file=sys.stderr)
 
 
+def _add_prompt_arguments(parser: argparse.ArgumentParser, prompt_help: str) -> None:
+    """--task with its --lang/--question/--objects, and free --prompt: what _prompts reads."""
+    parser.add_argument("--task", choices=sorted(TASKS), help="a PaliGemma task prefix (see --lang, --question, --objects)")
+    parser.add_argument("--lang", help="answer language for caption, describe and answer (default en)")
+    parser.add_argument("--question", help="the question, for --task answer")
+    parser.add_argument("--objects", help="object names for detect/segment, separated by ';' (e.g. 'cat ; dog')")
+    parser.add_argument("--prompt", action="append", help=prompt_help)
+
+
+def _add_backend_arguments(parser: argparse.ArgumentParser, verify: bool = True) -> None:
+    """--backend and --threads for a loaded bundle (and --no-verify where the load checks sha256s)."""
+    parser.add_argument("--backend", default="onnxruntime", help="runtime backend (default onnxruntime)")
+    parser.add_argument("--threads", type=_positive_int, help="CPU threads for the backend")
+    if verify:
+        parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle's files")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="paligemma-edge", description="PaliGemma from a Hugging Face checkpoint to an offline program.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
@@ -362,8 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--dataset", choices=("shapes",), default="shapes",
                           help="shapes: the generated scenes paligemma-shapes was trained on (held-out split)")
     evaluate.add_argument("--n", type=_positive_int, default=200, help="scenes to evaluate (default 200)")
-    evaluate.add_argument("--backend", default="onnxruntime", help="runtime backend (default onnxruntime)")
-    evaluate.add_argument("--threads", type=_positive_int, help="CPU threads for the backend")
+    _add_backend_arguments(evaluate, verify=False)
     evaluate.add_argument("--json", metavar="OUT.json", help="write the metrics and every answer as JSON")
     evaluate.set_defaults(handler=_cmd_eval)
 
@@ -394,30 +410,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("bundle", help="bundle directory")
     run.add_argument("--image", action="append", required=True,
                      help="image file; repeat to pair images one-to-one with prompts")
-    run.add_argument("--task", choices=sorted(TASKS), help="a PaliGemma task prefix (see --lang, --question, --objects)")
-    run.add_argument("--lang", help="answer language for caption, describe and answer (default en)")
-    run.add_argument("--question", help="the question, for --task answer")
-    run.add_argument("--objects", help="object names for detect/segment, separated by ';' (e.g. 'cat ; dog')")
-    run.add_argument("--prompt", action="append",
-                     help="free prompt text, e.g. 'caption en'; repeat to run a batch")
+    _add_prompt_arguments(run, "free prompt text, e.g. 'caption en'; repeat to run a batch")
     run.add_argument("--max-new-tokens", type=_positive_int, default=32)
     run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     run.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     run.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     run.add_argument("--seed", type=int, help="random seed for sampling")
-    run.add_argument("--backend", default="onnxruntime", help="runtime backend (default onnxruntime)")
-    run.add_argument("--threads", type=_positive_int, help="CPU threads for the backend")
     run.add_argument("--json", action="store_true", help="one JSON object per prompt, one per line")
     run.add_argument("--draw", metavar="OUT.png", help="write the image with boxes, labels and masks drawn on it")
-    run.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle's files")
+    _add_backend_arguments(run)
     run.set_defaults(handler=_cmd_run)
 
     serve = commands.add_parser("serve", help="HTTP API and kiosk page for a bundle (binds to localhost by default)")
     serve.add_argument("bundle", help="bundle directory")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--backend", default="onnxruntime", help="runtime backend (default onnxruntime)")
-    serve.add_argument("--threads", type=_positive_int, help="CPU threads for the backend")
+    _add_backend_arguments(serve)
     serve.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on every API route "
                        "(or set PALIGEMMA_EDGE_TOKEN)")
     serve.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload (default 10 MB)")
@@ -427,27 +435,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="cap on a request's max_new_tokens (default 256)")
     serve.add_argument("--request-timeout", type=float, default=120.0,
                        help="seconds a request may wait and run before it fails with 503/504 (default 120)")
-    serve.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle's files")
     serve.set_defaults(handler=_cmd_serve)
 
     camera = commands.add_parser("camera", help="run a task on frames from a camera, video file, RTSP URL or GStreamer pipeline")
     camera.add_argument("bundle", help="bundle directory")
     camera.add_argument("--source", required=True,
                         help="camera index (0), /dev/videoN, a video file, an rtsp:// URL or a GStreamer pipeline")
-    camera.add_argument("--task", choices=sorted(TASKS), help="a PaliGemma task prefix")
-    camera.add_argument("--lang", help="answer language for caption, describe and answer (default en)")
-    camera.add_argument("--question", help="the question, for --task answer")
-    camera.add_argument("--objects", help="object names for detect/segment, separated by ';'")
-    camera.add_argument("--prompt", action="append", help="free prompt text instead of --task")
+    _add_prompt_arguments(camera, "free prompt text instead of --task")
     camera.add_argument("--every", type=_positive_int, help="run on every Nth frame")
     camera.add_argument("--fps", type=float, help="run at most this many times a second, dropping frames in between")
     camera.add_argument("--out", metavar="results.jsonl", help="write one JSON line per processed frame")
     camera.add_argument("--annotate", metavar="out.mp4", help="write the processed frames with results drawn on them")
     camera.add_argument("--max-frames", type=_positive_int, help="stop after this many processed frames")
     camera.add_argument("--max-new-tokens", type=_positive_int, default=32)
-    camera.add_argument("--backend", default="onnxruntime", help="runtime backend (default onnxruntime)")
-    camera.add_argument("--threads", type=_positive_int, help="CPU threads for the backend")
-    camera.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle's files")
+    _add_backend_arguments(camera)
     camera.set_defaults(handler=_cmd_camera)
 
     pack = commands.add_parser("pack", help="one archive of a bundle for copying or flashing (manifest first, checksummed)")

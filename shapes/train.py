@@ -168,7 +168,7 @@ def _fresh(config: TrainConfig, log):
     log(f"[1/3] VQ-VAE: {config.vqvae_steps} steps on shape masks")
     mask_model = vqvae.train(steps=config.vqvae_steps, seed=config.seed)
     seg_codes = {s: [int(c) for c in mask_model.encode(scenes.box_mask(s)[None])[0]] for s in scenes.SHAPES}
-    recon = {s: vqvae.mask_iou(
+    recon = {s: vqvae.mean_mask_iou(
         (mask_model.decoder(mask_model.lookup(torch.tensor([seg_codes[s]]))) > 0).numpy()[:, 0], scenes.box_mask(s)[None]
     ) for s in scenes.SHAPES}
     log(f"      seg codes {seg_codes}; reconstruction IoU {recon}")

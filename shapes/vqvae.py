@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from ..runtime.mask_decoder import CODEBOOK, SEG_TOKENS
+from .metrics import mask_iou
 from .scenes import SHAPES, box_mask
 
 CODES = 128
@@ -120,15 +121,14 @@ def train(steps: int = 1500, batch: int = 64, dim: int = 32, seed: int = 0, log_
         optimizer.step()
         if step % log_every == 0 or step == steps:
             with torch.no_grad():
-                iou = mask_iou((logits > 0).numpy()[:, 0], masks.numpy()[:, 0] > 0.5)
+                iou = mean_mask_iou((logits > 0).numpy()[:, 0], masks.numpy()[:, 0] > 0.5)
             print(f"vqvae step {step}/{steps} loss {loss.item():.4f} mask IoU {iou:.3f} ({time.time() - start:.0f} s)", flush=True)
     return model.eval()
 
 
-def mask_iou(predicted: np.ndarray, truth: np.ndarray) -> float:
-    inter = np.logical_and(predicted, truth).sum(axis=(-2, -1))
-    union = np.logical_or(predicted, truth).sum(axis=(-2, -1))
-    return float(np.mean(np.where(union > 0, inter / np.maximum(union, 1), 1.0)))
+def mean_mask_iou(predicted: np.ndarray, truth: np.ndarray) -> float:
+    """Mean of :func:`metrics.mask_iou` over a batch of masks [n, h, w]."""
+    return float(np.mean([mask_iou(p, t) for p, t in zip(predicted, truth)]))
 
 
 def save_npz(model: VQVAE, path: str | Path) -> Path:
