@@ -90,7 +90,7 @@ def _cmd_export(args) -> int:
 def _cmd_quantize(args) -> int:
     quantize = _with_export_extra("quantize", ".quantize.bundle")
     options = quantize.QuantizeOptions(
-        precision=args.precision, int8_method=args.int8_method,
+        precision=args.precision, target=args.target, int8_method=args.int8_method,
         calibration=Path(args.calibration) if args.calibration else None, block_size=args.block_size,
         int4_activations=args.int4_activations, keep_embeddings=args.keep_embeddings, fp16_io=args.fp16_io,
         overwrite=args.force,
@@ -317,7 +317,9 @@ def _add_prompt_arguments(parser: argparse.ArgumentParser, prompt_help: str) -> 
 
 def _add_backend_arguments(parser: argparse.ArgumentParser, verify: bool = True) -> None:
     """--backend and --threads for a loaded bundle (and --no-verify where the load checks sha256s)."""
-    parser.add_argument("--backend", default="onnxruntime", help="runtime backend (default onnxruntime)")
+    parser.add_argument("--backend", default="onnxruntime",
+                        help="onnxruntime (default, CPU), tensorrt or tensorrt-rtx (the bundle's engines, see "
+                             "build-engines), onnxruntime-cuda, onnxruntime-tensorrt (onnxruntime-gpu)")
     parser.add_argument("--threads", type=_positive_int, help="CPU threads for the backend")
     if verify:
         parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle's files")
@@ -345,16 +347,21 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("bundle", help="fp32 bundle directory (left untouched)")
     quantize.add_argument("--precision", required=True, choices=("fp16", "int8", "int4"))
     quantize.add_argument("--output", "-o", required=True, help="bundle directory to create")
-    quantize.add_argument("--int8-method", choices=("dynamic", "static"), default="dynamic",
-                          help="dynamic: ONNX Runtime on CPU (default); static: Q/DQ calibrated on --calibration "
-                               "(TensorRT's explicit int8)")
+    quantize.add_argument("--target", choices=("onnxruntime", "tensorrt"), default="onnxruntime",
+                          help="the runtime the formats are chosen for (default onnxruntime); tensorrt: weight-only Q/DQ "
+                               "int8 and int4 on fp16 activations, fp16 table (build-engines takes these)")
+    quantize.add_argument("--int8-method", choices=("dynamic", "static", "weight-only"),
+                          help="dynamic: integer kernels for ONNX Runtime on CPU (default for onnxruntime); static: "
+                               "Q/DQ weights and activations calibrated on --calibration; weight-only: Q/DQ weights, "
+                               "fp16 activations (default for tensorrt)")
     quantize.add_argument("--calibration", metavar="DIR",
                           help="real images (+ optional prompts.txt, one prompt a line) for static int8 and fp16 ranges")
     quantize.add_argument("--block-size", type=_positive_int, default=32, help="int4 block size (default 32)")
-    quantize.add_argument("--int4-activations", choices=("fp32", "fp16"), default="fp32",
-                          help="fp16: MatMulNBits on fp16 activations, as TensorRT's ONNX parser requires")
+    quantize.add_argument("--int4-activations", choices=("fp32", "fp16"),
+                          help="int4 activations (default fp32 for onnxruntime, fp16 for tensorrt)")
     quantize.add_argument("--keep-embeddings", action="store_true",
-                          help="int8/int4: keep the tied embedding / LM head at fp32 instead of int8")
+                          help="int8/int4: keep the tied embedding / LM head at fp32 (instead of int8, or fp16 "
+                               "for tensorrt)")
     quantize.add_argument("--fp16-io", action="store_true",
                           help="fp16: graph inputs/outputs and the KV cache in fp16 as well")
     quantize.add_argument("--force", action="store_true", help="replace an existing bundle at --output")

@@ -4,6 +4,12 @@ The manifest of the result records, per graph, the precision, method and paramet
 fp16 which nodes were kept in fp32 and why; every backend reads that, nothing is guessed from
 file names. The tied embedding / LM head is stored once: fp16 for fp16 bundles, int8 with a
 scale per row for int8 and int4 bundles (``keep_embeddings`` leaves it fp32).
+
+Two targets. ``onnxruntime`` (the default) uses the formats ONNX Runtime's CPU kernels are
+fastest with: int8 MatMulInteger (dynamic) and int4 MatMulNBits, with the int8 table feeding an
+integer LM head. ``tensorrt`` writes what TensorRT's ONNX parser takes in a strongly typed
+network: weight-only int8 (per-channel Q/DQ) and int4 (blocked DequantizeLinear), both on fp16
+activations, and the table in fp16 (TensorRT has no integer LM head). Both run on ONNX Runtime too.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ from ..runtime.manifest import EmbeddingSpec, GraphSpec, Manifest, TensorSpec, r
 from . import calibration, embedding, fp16, methods
 
 PRECISIONS = ("fp16", "int8", "int4")
-INT8_METHODS = ("dynamic", "static")
+INT8_METHODS = ("dynamic", "static", "weight-only")
+TARGETS = ("onnxruntime", "tensorrt")
 QUANTIZE_PACKAGES = ("paligemma-edge", "onnx", "onnxruntime", "numpy")
 
 Progress = Callable[[str], None]
@@ -39,10 +46,13 @@ _ELEM_TYPES = {
 @dataclass(frozen=True)
 class QuantizeOptions:
     precision: str
-    int8_method: str = "dynamic"  # "static": Q/DQ calibrated on --calibration (TensorRT's explicit int8)
+    target: str = "onnxruntime"  # or "tensorrt": formats TensorRT's parser takes (see the module doc)
+    # dynamic | static (Q/DQ weights and activations, calibrated) | weight-only (Q/DQ weights, fp16 activations);
+    # default: dynamic for onnxruntime, weight-only for tensorrt
+    int8_method: str | None = None
     calibration: Path | None = None  # images (and optional prompts.txt)
     block_size: int = 32  # int4
-    int4_activations: str = "fp32"  # "fp16": MatMulNBits with fp16 activations (TensorRT's parser needs it)
+    int4_activations: str | None = None  # fp32 | fp16; default: fp32, fp16 for tensorrt
     keep_embeddings: bool = False  # int8/int4: leave the tied embedding at the source precision
     fp16_io: bool = False  # fp16: graph inputs/outputs and the KV cache in fp16 too
     overwrite: bool = False
@@ -50,8 +60,20 @@ class QuantizeOptions:
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise InputError(f"unknown precision '{self.precision}'; choose from: {', '.join(PRECISIONS)}")
+        if self.target not in TARGETS:
+            raise InputError(f"unknown target '{self.target}'; choose from: {', '.join(TARGETS)}")
+        tensorrt = self.target == "tensorrt"
+        if self.int8_method is None:
+            object.__setattr__(self, "int8_method", "weight-only" if tensorrt else "dynamic")
+        if self.int4_activations is None:
+            object.__setattr__(self, "int4_activations", "fp16" if tensorrt else "fp32")
         if self.int8_method not in INT8_METHODS:
             raise InputError(f"unknown int8 method '{self.int8_method}'; choose from: {', '.join(INT8_METHODS)}")
+        if tensorrt and self.precision == "int8" and self.int8_method == "dynamic":
+            raise InputError("TensorRT has no dynamic int8 (DynamicQuantizeLinear): use --int8-method weight-only "
+                             "(the default for --target tensorrt) or static")
+        if tensorrt and self.precision == "int4" and self.int4_activations != "fp16":
+            raise InputError("TensorRT's int4 weights need fp16 activations: drop --int4-activations fp32")
         if self.precision == "int8" and self.int8_method == "static" and self.calibration is None:
             raise InputError("static int8 needs --calibration DIR with real images (and optionally prompts.txt)")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
@@ -124,13 +146,21 @@ class _Quantizer:
                                       "decoder_feeds": len(recorded.decoder)}
         return recorded
 
+    @property
+    def table_dtype(self) -> str:
+        """The tied table's dtype in the new bundle."""
+        options = self.options
+        if options.precision == "fp16" or (options.target == "tensorrt" and not options.keep_embeddings):
+            return "float16"
+        return "float32" if options.keep_embeddings else "int8"
+
     def embedding(self) -> tuple[EmbeddingSpec, dict[str, np.ndarray]]:
         """Write the tied table at its new precision; returns its spec and the decoder's constant inputs."""
         spec = self.manifest.embedding
         table = np.load(self.source / spec.file)
-        if self.options.precision == "fp16":
+        if self.table_dtype == "float16":
             table = table.astype(np.float16)
-        elif not self.options.keep_embeddings:
+        elif self.table_dtype == "int8":
             table, scales = embedding.quantize_rows(table)
             np.save(self.staging / "embedding.npy", table)
             np.save(self.staging / "embedding_scale.npy", scales)
@@ -143,23 +173,37 @@ class _Quantizer:
         model = onnx.load(str(self.source / spec.file))
         options = self.options
         exclude: list[str] = []
+        fp16_activations = (options.precision == "int4" and options.int4_activations == "fp16"
+                            or options.precision == "int8" and options.int8_method == "weight-only")
+        head = ""
         if lm_head_int8:
             exclude = embedding.int8_lm_head(model)
+            head = "int8 table, per-row scales (MatMulInteger)"
+        elif name == "decoder" and self.table_dtype == "float16" and options.precision != "fp16" and not fp16_activations:
+            exclude = embedding.fp16_lm_head(model)  # an fp32 graph with the fp16 table
+            head = "fp16 table (Cast, MatMul, Cast)"
         elif name == "decoder" and options.precision != "fp16":
-            exclude = [embedding.lm_head_node(model).name]  # the head stays at the table's (fp32) precision
+            exclude = [embedding.lm_head_node(model).name]  # the head stays at the table's precision
         if options.precision == "fp16":
             model, params = self._fp16(name, model, feeds, exclude)
         elif options.precision == "int8" and options.int8_method == "static":
             model, params = methods.int8_static(model, feeds, exclude)
+        elif options.precision == "int8" and options.int8_method == "weight-only":
+            model, params = methods.int8_weight_only(model, exclude)
         elif options.precision == "int8":
             model, params = methods.int8_dynamic(model, exclude)
+        elif options.target == "tensorrt":
+            model, params = methods.int4_qdq(model, options.block_size, exclude)
         else:
             model, params = methods.int4_blocks(model, options.block_size, exclude)
-            if options.int4_activations == "fp16":
-                model = fp16.convert(model, keep_io=self._fp32_io(model), node_block_list=exclude)
-                params["activations"] = "fp16"
-        if lm_head_int8:
-            params["lm_head"] = "int8 table, per-row scales (MatMulInteger)"
+        if fp16_activations:
+            # with an fp16 table the head is converted with the rest; an fp32 or int8 table keeps its head
+            blocked = exclude if self.table_dtype != "float16" else []
+            model = fp16.convert(model, keep_io=self._fp32_io(model), node_block_list=blocked)
+            params["activations"] = "fp16"
+        params["target"] = options.target
+        if head:
+            params["lm_head"] = head
         external = _save_graph(model, self.staging / spec.file)
         inputs, outputs = _io_specs(model, spec)
         return GraphSpec(spec.file, inputs, outputs, options.precision, external, params)
@@ -167,7 +211,7 @@ class _Quantizer:
     def _fp32_io(self, model: onnx.ModelProto) -> list[str]:
         """Graph I/O that stays fp32 in an fp16 conversion: everything unless --fp16-io, never the per-token
         scales, and the embedding table unless the table itself is fp16 (the fp16 precision)."""
-        keep = {embedding.SCALE_INPUT} | ({"embedding"} if self.options.precision != "fp16" else set())
+        keep = {embedding.SCALE_INPUT} | ({"embedding"} if self.table_dtype != "float16" else set())
         names = [v.name for v in (*model.graph.input, *model.graph.output)]
         return [n for n in names if n in keep or (not self.options.fp16_io and n != "embedding")]
 
@@ -215,7 +259,7 @@ def quantize_bundle(source: str | Path, output: str | Path, options: QuantizeOpt
         run = _Quantizer(source, manifest, options, staging, step)
         needs_feeds = options.precision == "fp16" or options.int8_method == "static" and options.precision == "int8"
         recorded = run.calibration_set() if needs_feeds else calibration.CalibrationSet()
-        step(f"writing the tied embedding at {'fp16' if options.precision == 'fp16' else 'int8' if not options.keep_embeddings else 'fp32'}")
+        step(f"writing the tied embedding as {run.table_dtype}")
         embedding_spec, constants = run.embedding()
         lm_head_int8 = embedding_spec.dtype == "int8"
         step(f"quantizing vision graph to {options.precision}")
@@ -223,12 +267,12 @@ def quantize_bundle(source: str | Path, output: str | Path, options: QuantizeOpt
         step(f"quantizing decoder graph to {options.precision}")
         # Feeds for the source (fp32) decoder: ranges are measured there; static int8 calibrates the rewritten one.
         source_table = {"embedding": np.load(source / manifest.embedding.file, mmap_mode="r")}
-        decoder_feeds = [feed | (constants if lm_head_int8 else source_table) for feed in recorded.decoder]
+        decoder_feeds = [feed | (source_table if options.precision == "fp16" else constants) for feed in recorded.decoder]
         decoder = run.graph("decoder", manifest.decoder_graph, decoder_feeds, lm_head_int8=lm_head_int8)
         for name in {manifest.tokenizer, *(m.file for m in [manifest.mask_decoder] if m)}:
             shutil.copyfile(source / name, staging / name)
         run.report["options"] = {
-            "precision": options.precision, "int8_method": options.int8_method, "block_size": options.block_size,
+            "precision": options.precision, "target": options.target, "int8_method": options.int8_method, "block_size": options.block_size,
             "int4_activations": options.int4_activations, "keep_embeddings": options.keep_embeddings,
             "fp16_io": options.fp16_io, "calibration": str(options.calibration) if options.calibration else None,
         }

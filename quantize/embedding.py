@@ -61,3 +61,23 @@ def int8_lm_head(model: onnx.ModelProto) -> list[str]:
     scale_input = helper.make_tensor_value_info(SCALE_INPUT, TensorProto.FLOAT, [vocab])
     model.graph.input.insert(inputs.index(embedding) + 1, scale_input)
     return names
+
+
+def fp16_lm_head(model: onnx.ModelProto) -> list[str]:
+    """Make the tied table an fp16 input of an otherwise float32 graph: the head casts the hidden state
+    to fp16, multiplies by the fp16 table and casts the logits back. Returns the head's nodes."""
+    head = lm_head_node(model)
+    hidden_t, logits_t = head.input[1], head.output[0]
+    names = ["lm_head_fp16/cast_in", head.name, "lm_head_fp16/cast_out"]
+    position = list(model.graph.node).index(head)
+    model.graph.node.remove(head)
+    new_nodes = [
+        helper.make_node("Cast", [hidden_t], ["lm_head/h16"], to=TensorProto.FLOAT16, name=names[0]),
+        helper.make_node("MatMul", ["embedding", "lm_head/h16"], ["lm_head/logits16"], name=names[1]),
+        helper.make_node("Cast", ["lm_head/logits16"], [logits_t], to=TensorProto.FLOAT, name=names[2]),
+    ]
+    for offset, node in enumerate(new_nodes):
+        model.graph.node.insert(position + offset, node)
+    embedding = next(i for i in model.graph.input if i.name == "embedding")
+    embedding.type.tensor_type.elem_type = TensorProto.FLOAT16
+    return names

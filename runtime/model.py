@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Generator, Iterator, Sequence, Union
 
@@ -31,6 +32,9 @@ class PaliGemma:
     def __init__(self, bundle_dir: Path, manifest: Manifest, backend, tokenizer: PromptTokenizer,
                  feature_cache: FeatureCache | None = None):
         self.bundle_dir = bundle_dir
+        limit = getattr(backend, "max_seq_len", None)  # engines may be built for fewer positions than the graph
+        if limit is not None and limit < manifest.decoder.max_seq_len:
+            manifest = replace(manifest, decoder=replace(manifest.decoder, max_seq_len=limit))
         self.manifest = manifest
         self.backend = backend
         self.tokenizer = tokenizer

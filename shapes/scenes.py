@@ -21,6 +21,7 @@ WORDS = (
 CANVAS = 224
 SPLIT_SEEDS = {"train": 1_000_003, "heldout": 2_000_003}
 _MIN_SIDE, _MAX_SIDE, _GAP, _GAP_X = 48, 92, 6, 20
+_TEXT_SIZES, _TEXT_STROKE = (44, 56), 1  # bold enough to read through 14 px patches at 112 px
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,8 @@ def sample_scene(rng: np.random.Generator) -> Scene:
     text, text_box, size, taken = None, None, 0, []
     if rng.random() < 0.5:
         text = str(WORDS[rng.integers(len(WORDS))]) if rng.random() < 0.6 else str(int(rng.integers(0, 100)))
-        size = int(rng.integers(30, 38))
-        left, top, right, bottom = _font(size).getbbox(text)
+        size = int(rng.integers(*_TEXT_SIZES))
+        left, top, right, bottom = _font(size).getbbox(text, stroke_width=_TEXT_STROKE)
         width, height = right - left, bottom - top
         x, y = int(rng.integers(4, CANVAS - width - 4)), int(rng.integers(4, CANVAS - height - 4))
         text_box = (x, y, x + width, y + height)
@@ -110,8 +111,9 @@ def render(scene_: Scene) -> Image.Image:
         _draw_shape(draw, obj.shape, obj.box, COLORS[obj.color])
     if scene_.text is not None:
         font = _font(scene_.text_size)
-        left, top, _, _ = font.getbbox(scene_.text)
-        draw.text((scene_.text_box[0] - left, scene_.text_box[1] - top), scene_.text, fill=(30, 30, 30), font=font)
+        left, top, _, _ = font.getbbox(scene_.text, stroke_width=_TEXT_STROKE)
+        draw.text((scene_.text_box[0] - left, scene_.text_box[1] - top), scene_.text, fill=(30, 30, 30), font=font,
+                  stroke_width=_TEXT_STROKE, stroke_fill=(30, 30, 30))
     return image
 
 

@@ -142,6 +142,8 @@ VARIANTS = {
     "int4-fp16": ["--precision", "int4", "--int4-activations", "fp16"],
     "fp16-io": ["--precision", "fp16", "--fp16-io"],
     "int8-keep": ["--precision", "int8", "--keep-embeddings"],
+    "int8-trt": ["--precision", "int8", "--target", "tensorrt"],
+    "int4-trt": ["--precision", "int4", "--target", "tensorrt"],
 }
 QUANTIZED_MODELS = [(1, 28), (2, 28)]
 

@@ -32,7 +32,8 @@ def bundle_copy(bundles, quantized, tmp_path, request):
 
 
 @needs_rtx
-@pytest.mark.parametrize("bundle_copy", [((2, 28), "fp32"), ((2, 28), "fp16"), ((1, 28), "fp32")],
+@pytest.mark.parametrize("bundle_copy", [((2, 28), "fp32"), ((2, 28), "fp16"), ((1, 28), "fp32"),
+                                         ((2, 28), "int8-trt"), ((2, 28), "int4-trt"), ((1, 28), "int4-trt")],
                          indirect=True, ids=lambda p: f"{model_id(p[0])}-{p[1]}")
 def test_engines_build_and_match_the_manifest(bundle_copy, tmp_path):
     cache = tmp_path / "timing.cache"

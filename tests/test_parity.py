@@ -152,16 +152,24 @@ def test_decode_step_feeds_ort_values_back_without_copies(bundles):
         embeds = np.zeros((1, runtime.manifest.image.num_tokens, runtime.manifest.decoder.hidden_size), np.float32)
         _, state = prefill(backend, runtime.manifest.decoder, batch, embeds)
         before = {name: value.data_ptr() for name, value in state.cache.values.items()}
-        fed = []
-        original_run = backend.decoder.run_with_ort_values
+        bound = {}
+        original_binding = backend.decoder.io_binding
 
-        def recording_run(names, feed, *rest):
-            fed.append({name: feed[name].data_ptr() for name in before})
-            return original_run(names, feed, *rest)
+        def recording_binding():
+            binding = original_binding()
+            bind = binding.bind_ortvalue_input
 
-        backend.decoder.run_with_ort_values = recording_run
+            def record(name, value):
+                bound[name] = value.data_ptr()
+                bind(name, value)
+
+            binding.bind_ortvalue_input = record
+            return binding
+
+        backend.decoder.io_binding = recording_binding
         decode_step(backend, runtime.manifest.decoder, state, np.array([5]))
-        assert fed[0] == before
+        assert {name: bound[name] for name in before} == before
+        assert bound["embedding"] == backend.embedding.ctypes.data
         assert backend._constant_inputs["embedding"].data_ptr() == backend.embedding.ctypes.data
 
 

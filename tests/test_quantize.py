@@ -78,6 +78,31 @@ def test_manifest_records_methods_and_parameters(quantized):
     assert keep.embedding.dtype == "float32" and keep.embedding.scale_file is None
 
 
+@pytest.mark.parametrize("name, method", [("int8-trt", "int8-weight-only-qdq"), ("int4-trt", "int4-qdq")])
+def test_tensorrt_target_writes_what_the_parser_takes(quantized, name, method):
+    """Weight-only Q/DQ on fp16 activations, the fp16 table feeding an fp16 head; no integer-only ops."""
+    import onnx
+
+    manifest = read_manifest(quantized[(2, 28), name])
+    decoder = onnx.load(str(quantized[(2, 28), name] / manifest.decoder_graph.file))
+    ops = {n.op_type for n in decoder.graph.node}
+    assert "DequantizeLinear" in ops and not ops & {"MatMulInteger", "DynamicQuantizeLinear", "MatMulNBits", "QuantizeLinear"}
+    assert manifest.decoder_graph.quantization["method"] == method
+    assert manifest.decoder_graph.quantization["target"] == "tensorrt"
+    assert manifest.embedding.dtype == "float16" and manifest.embedding.scale_file is None
+    io = {t.name: t.dtype for t in manifest.decoder_graph.inputs}
+    assert io["embedding"] == "float16" and io["inputs_embeds"] == "float32" and io["past_key_0"] == "float32"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--precision", "int8", "--target", "tensorrt", "--int8-method", "dynamic"], "TensorRT has no dynamic int8"),
+    (["--precision", "int4", "--target", "tensorrt", "--int4-activations", "fp32"], "need fp16 activations"),
+])
+def test_tensorrt_target_refuses_formats_tensorrt_cannot_take(bundles, tmp_path, args, message):
+    result = run_cli("quantize", str(bundles[(2, 28)]), "-o", str(tmp_path / "out"), *args)
+    assert result.returncode == 2 and message in result.stderr and not (tmp_path / "out").exists()
+
+
 def test_int8_table_reconstructs_the_embedding(bundles, quantized):
     source = np.load(bundles[(1, 28)] / "embedding.npy")
     bundle = quantized[(1, 28), "int8"]

@@ -12,10 +12,10 @@ from paligemma_edge.shapes import evaluate, scenes, tasks
 from .conftest import SHAPES_CHECKPOINT, Reference, run_cli
 
 EVAL_SCENES = 60
-# Targets the committed model misses (README, "paligemma-shapes and eval"): detection recall
-# 0.86-0.88 against 0.90, OCR 0.10-0.11 against 0.80 (the vision tower never learnt to read).
-# These floors guard against regressions; the other targets are asserted as the issue sets them.
-MEASURED_FLOORS = {"detection_recall": 0.8, "ocr_exact_match": 0.05}
+# The target the committed model misses (README, "paligemma-shapes and eval"): OCR 0.60 on 100
+# held-out scenes against 0.80. Its floor guards against regressions; the other targets are
+# asserted as the issue sets them.
+MEASURED_FLOORS = {"ocr_exact_match": 0.4}
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +128,19 @@ def test_int8_compare_reports_task_metrics(shapes_bundle, tmp_path):
     assert set(report["task_metrics"]["candidate"]) >= set(evaluate.TARGETS)
     assert report["task_metrics"]["candidate"]["vqa_accuracy"] >= 0.9
     assert "task metric (held-out shapes)" in result.stdout
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_tensorrt_target_bundles_keep_the_task_metrics(shapes_bundle, shapes_eval, precision, tmp_path):
+    """Weight-only int8 / int4 on fp16 activations (what build-engines takes), run here on ONNX Runtime."""
+    bundle = tmp_path / precision
+    run_cli("quantize", str(shapes_bundle), "--precision", precision, "--target", "tensorrt", "-o", str(bundle),
+            check=True)
+    out = tmp_path / "eval.json"
+    run_cli("eval", str(bundle), "--dataset", "shapes", "--n", str(EVAL_SCENES), "--json", str(out), check=True)
+    quantized, (reference, _) = json.loads(out.read_text()), shapes_eval
+    for name in ("caption_exact_match", "vqa_accuracy", "detection_recall", "segmentation_miou"):
+        assert quantized[name] >= reference[name] - 0.05, (name, quantized[name], reference[name])
 
 
 def test_eval_runs_on_any_bundle(segment_bundle, tmp_path):

@@ -38,6 +38,14 @@ class Backend(Protocol):
 # name -> (module, class, what to install when the import fails)
 BACKENDS = {
     "onnxruntime": ("paligemma_edge.runtime.backends.onnxruntime", "OnnxRuntimeBackend", "pip install onnxruntime"),
+    "onnxruntime-cuda": ("paligemma_edge.runtime.backends.onnxruntime", "OnnxRuntimeCudaBackend",
+                         "pip install onnxruntime-gpu"),
+    "onnxruntime-tensorrt": ("paligemma_edge.runtime.backends.onnxruntime", "OnnxRuntimeTensorRTBackend",
+                             "pip install onnxruntime-gpu"),
+    "tensorrt": ("paligemma_edge.runtime.backends.tensorrt", "TensorRTBackend",
+                 "pip install 'paligemma-edge[gpu]' (cuda-python); TensorRT comes with JetPack"),
+    "tensorrt-rtx": ("paligemma_edge.runtime.backends.tensorrt", "TensorRTRtxBackend",
+                     "pip install 'paligemma-edge[gpu]' tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings"),
 }
 
 

@@ -1,74 +1,79 @@
-"""ONNX Runtime backend: the vision and decoder graphs on the CPU (or any ORT provider).
+"""ONNX Runtime backends: the vision and decoder graphs on the CPU, or on an NVIDIA GPU through
+ONNX Runtime's CUDA or TensorRT execution providers (``onnxruntime-gpu``).
 
-The KV cache lives in ORT-owned buffers: each step's present key/values go back in as the
-next step's past as OrtValues, so Python never copies the cache. The tied embedding is one
-memory-mapped array serving both the token lookup and the decoder's LM head input.
+The KV cache lives in ORT-owned buffers on the providers' device: each step's present key/values
+are bound as the next step's past (an IO binding), so neither Python nor the host sees the cache;
+only the logits are bound to host memory. The tied embedding is one memory-mapped array serving
+the token lookup and, placed on the device once, the decoder's LM head input.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from ..errors import BundleError, first_line
+from ..errors import BackendUnavailableError, BundleError, first_line
 from ..manifest import GraphSpec, Manifest, past_names, present_names
+from .embedding import HostEmbedding
+
+GPU_INSTALL = ("pip install onnxruntime-gpu (on a Jetson: the JetPack build of onnxruntime-gpu, see the README's "
+               "Jetson section)")
 
 
 @dataclass
 class OrtCache:
-    """Past key/values per layer as OrtValues, in decoder input order."""
+    """Past key/values per layer as OrtValues on the cache device, in decoder input order."""
 
     values: dict[str, ort.OrtValue] = field(default_factory=dict)
 
 
 class OnnxRuntimeBackend:
     name = "onnxruntime"
+    device = "cpu"  # where the cache, the table and the decoder's other inputs live
 
-    def __init__(self, bundle_dir: Path, manifest: Manifest, threads: int | None = None,
-                 providers: list[str] | None = None):
+    def __init__(self, bundle_dir: Path, manifest: Manifest, threads: int | None = None):
         self.manifest = manifest
         self.decoder_spec = manifest.decoder
+        self._bundle_dir = Path(bundle_dir)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
-        self._providers = providers or ["CPUExecutionProvider"]
-        self.vision = self._session(bundle_dir, manifest.vision_graph, options)
-        self.decoder = self._session(bundle_dir, manifest.decoder_graph, options)
+        providers = self.providers()
+        self.vision = self._session(manifest.vision_graph, options, providers)
+        self.decoder = self._session(manifest.decoder_graph, options, providers)
         self._decoder_outputs = manifest.decoder_graph.output_names()
         # Which output becomes which past input on the next step.
         self._cache_routes = [
-            (self._decoder_outputs.index(present), past)
+            (present, past)
             for layer in range(manifest.decoder.num_layers)
             for past, present in zip(past_names(layer), present_names(layer))
         ]
         self._input_dtypes = {
             t.name: np.dtype(t.dtype) for graph in (manifest.vision_graph, manifest.decoder_graph) for t in graph.inputs
         }
-        spec = manifest.embedding
-        self.embedding = _load_array(Path(bundle_dir) / spec.file, np.dtype(spec.dtype), spec.stored_shape)
-        self._transposed = spec.transposed
-        self._constant_inputs = {"embedding": ort.OrtValue.ortvalue_from_numpy(self.embedding)}
-        self.row_scales = None
-        if spec.scale_file:
-            self.row_scales = _load_array(Path(bundle_dir) / spec.scale_file, np.dtype("float32"), (spec.shape[0],))
-            self._constant_inputs["embedding_scale"] = ort.OrtValue.ortvalue_from_numpy(self.row_scales)
-        for name, array in (("embedding", self.embedding), ("embedding_scale", self.row_scales)):
-            if array is not None and self._input_dtypes.get(name) != array.dtype:
-                raise BundleError(
-                    f"{bundle_dir}: the decoder takes {name} as {self._input_dtypes.get(name)}, the bundle stores "
-                    f"{array.dtype}; re-create the bundle"
-                )
-        self._scale = np.float32(self.decoder_spec.embedding_scale)
+        self.host_embedding = HostEmbedding(bundle_dir, manifest, self._input_dtypes)
+        self.embedding = self.host_embedding.table
+        self._constant_inputs = {name: self._on_device(array) for name, array in self.host_embedding.decoder_inputs().items()}
 
-    def _session(self, bundle_dir: Path, graph: GraphSpec, options) -> ort.InferenceSession:
-        path = Path(bundle_dir) / graph.file
+    def providers(self) -> list:
+        """Execution providers in priority order."""
+        return ["CPUExecutionProvider"]
+
+    def _on_device(self, array: np.ndarray) -> ort.OrtValue:
+        if self.device == "cpu":
+            return ort.OrtValue.ortvalue_from_numpy(array)  # wraps the array: no copy
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
+
+    def _session(self, graph: GraphSpec, options, providers) -> ort.InferenceSession:
+        path = self._bundle_dir / graph.file
         try:
-            session = ort.InferenceSession(str(path), sess_options=options, providers=self._providers)
+            session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         except Exception as exc:  # ORT raises its own exception types (InvalidProtobuf, Fail, ...)
             raise BundleError(f"{path}: ONNX Runtime cannot load the graph ({first_line(exc)}); re-export the bundle") from None
         names = [i.name for i in session.get_inputs()]
@@ -81,13 +86,7 @@ class OnnxRuntimeBackend:
         return self.vision.run(None, {"pixel_values": pixels})[0].astype(np.float32, copy=False)
 
     def embed(self, token_ids: np.ndarray) -> np.ndarray:
-        if self._transposed:
-            rows = np.moveaxis(np.asarray(self.embedding[:, token_ids], dtype=np.float32), 0, -1)
-        else:
-            rows = np.asarray(self.embedding[token_ids], dtype=np.float32)
-        if self.row_scales is not None:
-            rows *= self.row_scales[token_ids][..., None]
-        return rows * self._scale
+        return self.host_embedding.lookup(token_ids)
 
     def new_cache(self, batch: int) -> OrtCache:
         spec = self.decoder_spec
@@ -96,35 +95,80 @@ class OnnxRuntimeBackend:
         cache = OrtCache()
         for layer in range(spec.num_layers):
             for name in past_names(layer):
-                cache.values[name] = ort.OrtValue.ortvalue_from_numpy(empty)
+                cache.values[name] = self._on_device(empty)
         return cache
 
     def step(self, inputs_embeds, masks, position_ids, cache: OrtCache) -> np.ndarray:
         embeds_dtype = self._input_dtypes["inputs_embeds"]
         feed = {
-            "inputs_embeds": ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(inputs_embeds, dtype=embeds_dtype)),
-            "position_ids": ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(position_ids, dtype=np.int64)),
-            **self._constant_inputs,
+            "inputs_embeds": np.ascontiguousarray(inputs_embeds, dtype=embeds_dtype),
+            "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64),
+            **{name: np.ascontiguousarray(mask) for name, mask in masks.items()},
         }
-        for name, mask in masks.items():
-            feed[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(mask))
-        feed.update(cache.values)
-        outputs = self.decoder.run_with_ort_values(self._decoder_outputs, feed)
-        for output_index, past in self._cache_routes:
-            cache.values[past] = outputs[output_index]
-        return outputs[0].numpy().astype(np.float32, copy=False)
+        binding = self.decoder.io_binding()
+        for name, array in feed.items():
+            binding.bind_ortvalue_input(name, self._on_device(array))
+        for name, value in (*self._constant_inputs.items(), *cache.values.items()):
+            binding.bind_ortvalue_input(name, value)
+        logits_name = self._decoder_outputs[0]
+        binding.bind_output(logits_name, "cpu")  # only the logits come back to the host
+        for present, _ in self._cache_routes:
+            binding.bind_output(present, self.device)
+        self.decoder.run_with_iobinding(binding)
+        # get_outputs() follows the order of the bind_output calls
+        outputs = dict(zip([logits_name] + [present for present, _ in self._cache_routes], binding.get_outputs()))
+        for present, past in self._cache_routes:
+            cache.values[past] = outputs[present]
+        return outputs[logits_name].numpy().astype(np.float32, copy=False)
 
     def close(self) -> None:
         self.vision = self.decoder = None
         self._constant_inputs = {}
 
 
-def _load_array(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-    """Memory-map a .npy file and check it is what the manifest says."""
-    try:
-        array = np.load(path, mmap_mode="r")
-    except (OSError, ValueError) as exc:
-        raise BundleError(f"{path}: unreadable array ({exc})") from None
-    if array.shape != shape or array.dtype != dtype:
-        raise BundleError(f"{path}: {array.dtype} {array.shape} differs from the manifest's {dtype} {shape}")
-    return array
+class _GpuProviders(OnnxRuntimeBackend):
+    device = "cuda"
+    required = ""  # the provider this backend cannot run without
+
+    def __init__(self, bundle_dir: Path, manifest: Manifest, threads: int | None = None):
+        available = ort.get_available_providers()
+        if self.required not in available:
+            raise BackendUnavailableError(
+                f"backend '{self.name}' needs ONNX Runtime's {self.required}, and this onnxruntime has "
+                f"{', '.join(available)}: {GPU_INSTALL}"
+            )
+        super().__init__(bundle_dir, manifest, threads)
+
+
+class OnnxRuntimeCudaBackend(_GpuProviders):
+    """The graphs on ONNX Runtime's CUDA execution provider."""
+
+    name = "onnxruntime-cuda"
+    required = "CUDAExecutionProvider"
+
+    def providers(self) -> list:
+        return [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+
+
+class OnnxRuntimeTensorRTBackend(_GpuProviders):
+    """The graphs on ONNX Runtime's TensorRT execution provider (CUDA for what TensorRT does not take).
+
+    TensorRT builds its engines on the first run of each shape range and keeps them in the user's
+    cache (``$XDG_CACHE_HOME/paligemma-edge/ort-tensorrt/<decoder checksum>``, the bundle itself is
+    never written), so later loads start in seconds."""
+
+    name = "onnxruntime-tensorrt"
+    required = "TensorrtExecutionProvider"
+
+    def providers(self) -> list:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        cache = root / "paligemma-edge" / "ort-tensorrt" / self.manifest.files[self.manifest.decoder_graph.file][:16]
+        cache.mkdir(parents=True, exist_ok=True)
+        tensorrt = {
+            "device_id": 0, "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
+            "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache),
+            # fp32 bundles stay fp32 (token parity); lower-precision graphs may use fp16 kernels
+            "trt_fp16_enable": self.manifest.precision != "fp32",
+        }
+        return [("TensorrtExecutionProvider", tensorrt), ("CUDAExecutionProvider", {"device_id": 0}),
+                "CPUExecutionProvider"]

@@ -1,0 +1,198 @@
+"""TensorRT backend: the bundle's engines (``paligemma-edge build-engines``) on an NVIDIA GPU.
+
+One code path for TensorRT (``tensorrt``, JetPack and x86) and TensorRT for RTX (``tensorrt-rtx``);
+only the module differs. Engines are deserialized once. Every device buffer is allocated at load
+for the engines' max batch and sequence, so a step allocates nothing. The KV cache never leaves
+the GPU: the decoder's present key/values of step n are written into the second of two banks
+and bound as the past of step n+1 (the graph appends new positions to the past, so one bank
+cannot be both). Per step only the new tokens' embeddings, positions and masks go up and the
+last position's logits come back. The decoder runs in two execution contexts, one per
+optimization profile (prefill: a prompt on an empty past; decode: one token on a past).
+
+No CUDA graph is captured: the past grows by one position every step, so no two decode steps have
+the same shapes; a decoder graph over a fixed-size cache would allow it. Memory goes through
+cuda-python, so the device needs no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..cuda import Cuda, CudaError
+from ..engines import _Logger, device_tag, gpu_description, import_tensorrt, select_engines
+from ..errors import BundleError, InputError
+from ..manifest import EngineSpec, Manifest, past_names, present_names
+from .embedding import HostEmbedding
+
+
+@dataclass
+class TensorRTCache:
+    """The cache of one generation: its rows, the positions cached, which bank holds the past."""
+
+    batch: int
+    length: int = 0
+    bank: int = 0
+
+
+def max_shapes(spec: EngineSpec) -> dict[str, tuple[int, ...]]:
+    """The largest shape of every input over all of the engine's optimization profiles."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for profile in spec.profiles.values():
+        for name, ranges in profile.items():
+            largest = tuple(ranges["max"])
+            shapes[name] = tuple(max(a, b) for a, b in zip(shapes.get(name, largest), largest))
+    return shapes
+
+
+class _Engine:
+    """A deserialized engine with an execution context per optimization profile."""
+
+    def __init__(self, trt, runtime, logger: _Logger, path: Path, spec: EngineSpec, cuda: Cuda):
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise BundleError(f"{path}: cannot read the engine ({exc.strerror}); run build-engines again") from None
+        self.engine = runtime.deserialize_cuda_engine(data)
+        if self.engine is None:
+            raise BundleError(f"{path}: TensorRT cannot load the engine ({'; '.join(logger.errors[-2:]) or 'no message'}); "
+                              "rebuild it with 'paligemma-edge build-engines' on this device")
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.dtypes = {name: np.dtype(trt.nptype(self.engine.get_tensor_dtype(name))) for name in names}
+        expected = [t.name for t in (*spec.inputs, *spec.outputs)]
+        if sorted(names) != sorted(expected):
+            raise BundleError(f"{path}: engine tensors {names} differ from the manifest's {expected}; rebuild it")
+        self.contexts = {}
+        for index, profile in enumerate(spec.profiles):
+            context = self.engine.create_execution_context()
+            if len(spec.profiles) > 1:
+                context.set_optimization_profile_async(index, cuda.stream_handle)
+            self.contexts[profile] = context
+
+
+class TensorRTBackend:
+    name = "tensorrt"
+    flavour = "tensorrt"
+
+    def __init__(self, bundle_dir: Path, manifest: Manifest, threads: int | None = None):
+        del threads  # the GPU does the work
+        bundle_dir = Path(bundle_dir)
+        trt = import_tensorrt(self.flavour)
+        record = select_engines(manifest, device_tag(self.flavour, trt.__version__, gpu_description()))
+        self.cuda = Cuda()
+        self.max_batch, self.max_seq_len = record.max_batch, record.max_seq_len
+        self.decoder_spec = manifest.decoder
+        self._logger = _Logger(trt)
+        self._runtime = trt.Runtime(self._logger.logger)
+        self.vision = _Engine(trt, self._runtime, self._logger, bundle_dir / record.vision.file, record.vision, self.cuda)
+        self.decoder = _Engine(trt, self._runtime, self._logger, bundle_dir / record.decoder.file, record.decoder,
+                               self.cuda)
+        input_dtypes = {n: d for engine in (self.vision, self.decoder) for n, d in engine.dtypes.items()}
+        self.host_embedding = HostEmbedding(bundle_dir, manifest, input_dtypes)
+
+        self._vision_io = (record.vision.inputs[0].name, record.vision.outputs[0].name)
+        self._vision_out_shape = (self.max_batch, manifest.image.num_tokens, manifest.decoder.hidden_size)
+        self._buffers: dict[str, int] = {}
+        for name, shape in max_shapes(record.vision).items():
+            self._buffers[name] = self._malloc(name, shape)
+        self._buffers[self._vision_io[1]] = self._malloc(self._vision_io[1], self._vision_out_shape)
+
+        layers = range(manifest.decoder.num_layers)
+        self._routes = [(past, present) for layer in layers for past, present in zip(past_names(layer), present_names(layer))]
+        pasts = {past for past, _ in self._routes}
+        decoder_max = max_shapes(record.decoder)
+        constants = self.host_embedding.decoder_inputs()
+        for name, shape in decoder_max.items():
+            if name not in pasts and name not in constants:
+                self._buffers[name] = self._malloc(name, shape)
+        # two banks of the whole cache, each at [max batch, kv heads, max sequence, head dim]
+        kv_shape = (self.max_batch, manifest.decoder.num_kv_heads, self.max_seq_len, manifest.decoder.head_dim)
+        self._banks = [{past: self._malloc(past, kv_shape) for past in pasts} for _ in range(2)]
+        self._logits_name = record.decoder.outputs[0].name
+        vocab = record.decoder.outputs[0].shape[-1]
+        self._logits_shape = (self.max_batch, vocab if isinstance(vocab, int) else manifest.embedding.shape[0])
+        self._buffers[self._logits_name] = self._malloc(self._logits_name, self._logits_shape)
+        for name, array in constants.items():  # the table goes up once and stays
+            self._buffers[name] = self._malloc(name, array.shape)
+            self.cuda.upload(self._buffers[name], array)
+            for context in self.decoder.contexts.values():
+                context.set_input_shape(name, array.shape)
+                context.set_tensor_address(name, self._buffers[name])
+        self.cuda.synchronize()
+        self._owner: TensorRTCache | None = None
+
+    def _malloc(self, name: str, shape: tuple[int, ...]) -> int:
+        engine = self.decoder if name in self.decoder.dtypes else self.vision
+        return self.cuda.malloc(int(np.prod(shape)) * engine.dtypes[name].itemsize)
+
+    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
+        name_in, name_out = self._vision_io
+        context = next(iter(self.vision.contexts.values()))
+        chunks = []
+        for start in range(0, len(pixel_values), self.max_batch):
+            pixels = pixel_values[start:start + self.max_batch].astype(self.vision.dtypes[name_in], copy=False)
+            self.cuda.upload(self._buffers[name_in], pixels)
+            context.set_input_shape(name_in, pixels.shape)
+            context.set_tensor_address(name_in, self._buffers[name_in])
+            context.set_tensor_address(name_out, self._buffers[name_out])
+            self._execute(context, "vision")
+            out = np.empty((len(pixels), *self._vision_out_shape[1:]), dtype=self.vision.dtypes[name_out])
+            chunks.append(self.cuda.download(out, self._buffers[name_out]).astype(np.float32, copy=False))
+        return np.concatenate(chunks)
+
+    def embed(self, token_ids: np.ndarray) -> np.ndarray:
+        return self.host_embedding.lookup(token_ids)
+
+    def new_cache(self, batch: int) -> TensorRTCache:
+        if batch > self.max_batch:
+            raise InputError(f"a batch of {batch} exceeds the engines' max batch {self.max_batch}: "
+                             "rebuild with 'paligemma-edge build-engines --max-batch N'")
+        self._owner = TensorRTCache(batch)  # one cache at a time: the banks are the backend's
+        return self._owner
+
+    def step(self, inputs_embeds, masks, position_ids, cache: TensorRTCache) -> np.ndarray:
+        if cache is not self._owner:
+            raise InputError("the TensorRT backend runs one generation at a time; this cache was replaced")
+        rows, seq = inputs_embeds.shape[:2]
+        past, total = cache.length, cache.length + seq
+        if total > self.max_seq_len:
+            raise InputError(f"{total} positions exceed the engines' max sequence {self.max_seq_len}: "
+                             "rebuild with 'paligemma-edge build-engines --max-seq-len N'")
+        if past and seq != 1:
+            raise InputError("after the prompt the decoder takes one token per step")
+        context = self.decoder.contexts["decode" if past else "prefill"]
+        feeds = {"inputs_embeds": inputs_embeds, "position_ids": position_ids, **masks}
+        for name, array in feeds.items():
+            array = np.ascontiguousarray(array, dtype=self.decoder.dtypes[name])
+            self.cuda.upload(self._buffers[name], array)
+            context.set_input_shape(name, array.shape)
+            context.set_tensor_address(name, self._buffers[name])
+        spec = self.decoder_spec
+        source, target = self._banks[cache.bank], self._banks[1 - cache.bank]
+        for past_name, present_name in self._routes:
+            context.set_input_shape(past_name, (rows, spec.num_kv_heads, past, spec.head_dim))
+            context.set_tensor_address(past_name, source[past_name])
+            context.set_tensor_address(present_name, target[past_name])
+        context.set_tensor_address(self._logits_name, self._buffers[self._logits_name])
+        self._execute(context, "decoder")
+        logits = np.empty((rows, self._logits_shape[1]), dtype=self.decoder.dtypes[self._logits_name])
+        self.cuda.download(logits, self._buffers[self._logits_name])
+        cache.length, cache.bank = total, 1 - cache.bank
+        return logits.astype(np.float32, copy=False)
+
+    def _execute(self, context, what: str) -> None:
+        if not context.execute_async_v3(self.cuda.stream_handle):
+            raise CudaError(f"TensorRT could not run the {what} engine: {'; '.join(self._logger.errors[-2:]) or 'no message'}")
+
+    def close(self) -> None:
+        self.vision = self.decoder = None
+        self.cuda.close()
+
+
+class TensorRTRtxBackend(TensorRTBackend):
+    """The same backend on TensorRT for RTX (``tensorrt_rtx_bindings``)."""
+
+    name = "tensorrt-rtx"
+    flavour = "tensorrt-rtx"
