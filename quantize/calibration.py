@@ -82,9 +82,23 @@ class _Recorder:
         self._sink.append({k: np.array(v) for k, v in feed.items() if k not in CONSTANT_INPUTS})
         return self._session.run(names, feed, *rest)
 
-    def run_with_ort_values(self, names, feed, *rest):
-        self._sink.append({k: v.numpy() for k, v in feed.items() if k not in CONSTANT_INPUTS})
-        return self._session.run_with_ort_values(names, feed, *rest)
+    def io_binding(self):
+        """The backend binds its decoder inputs: note each as it is bound, keep them when the run starts."""
+        binding, bound = self._session.io_binding(), {}
+        bind = binding.bind_ortvalue_input
+
+        def record(name, value):
+            if name not in CONSTANT_INPUTS:
+                bound[name] = value.numpy()
+            bind(name, value)
+
+        binding.bind_ortvalue_input = record
+        binding.recorded = bound
+        return binding
+
+    def run_with_iobinding(self, binding, *rest):
+        self._sink.append(dict(binding.recorded))
+        return self._session.run_with_iobinding(binding, *rest)
 
     def __getattr__(self, name):
         return getattr(self._session, name)

@@ -30,13 +30,6 @@ def int8_dynamic(model: onnx.ModelProto, exclude: list[str]) -> tuple[onnx.Model
     return quantized, params
 
 
-def activation_products(model: onnx.ModelProto) -> list[str]:
-    """MatMul nodes whose two operands are both computed (no initializer or constant among them)."""
-    constants = {t.name for t in model.graph.initializer}
-    constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
-    return [n.name for n in model.graph.node if n.op_type == "MatMul" and not constants.intersection(n.input)]
-
-
 class _Feeds:
     """onnxruntime's CalibrationDataReader protocol over recorded feeds."""
 
@@ -59,9 +52,6 @@ def int8_static(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], excl
     """Q/DQ int8 (per-channel weights, calibrated activations): TensorRT's explicit quantization format."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    # Only products with a weight: int8 on both sides of the attention products (queries x cached keys,
-    # probabilities x values) with one calibrated scale per tensor loses the answers.
-    exclude = exclude + activation_products(model)
     params = {
         "method": "int8-static-qdq", "weight_type": "int8", "activation_type": "int8", "per_channel": True,
         "calibration": "minmax", "calibration_feeds": len(feeds), "op_types": ["MatMul"],
