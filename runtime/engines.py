@@ -77,7 +77,7 @@ def device_tag(flavour: str, version: str, gpu: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", f"{flavour}-{version}-{gpu}").strip("-").lower()
 
 
-class _Logger:
+class CollectingLogger:
     """A TensorRT logger that keeps error messages for our one-line report."""
 
     def __init__(self, trt):
@@ -122,7 +122,7 @@ _DTYPES = {"FLOAT": "float32", "HALF": "float16", "INT64": "int64", "BOOL": "boo
 
 def _build_one(trt, bundle: Path, graph: GraphSpec, name: str, options: EngineOptions, max_seq_len: int,
                cache: bytes, step: Progress) -> tuple[bytes, EngineSpec, bytes]:
-    collector = _Logger(trt)
+    collector = CollectingLogger(trt)
     builder = trt.Builder(collector.logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, collector.logger)

@@ -19,7 +19,7 @@ import pytest
 import paligemma_edge
 from paligemma_edge.runtime.backends import tensorrt as trt_backend
 from paligemma_edge.runtime.engines import gpu_description, profiles_for
-from paligemma_edge.runtime.manifest import read_manifest
+from paligemma_edge.runtime.manifest import EngineSpec, read_manifest
 from paligemma_edge.runtime.sampling import GenerationOptions
 
 from .conftest import run_cli
@@ -47,7 +47,7 @@ def with_engines(bundles, tmp_path):
 
 def test_max_shapes_cover_both_decoder_profiles(bundles):
     manifest = read_manifest(bundles[(2, 28)])
-    record = trt_backend.EngineSpec("d.engine", "decoder", manifest.decoder_graph.inputs, manifest.decoder_graph.outputs,
+    record = EngineSpec("d.engine", "decoder", manifest.decoder_graph.inputs, manifest.decoder_graph.outputs,
                                     profiles_for(manifest.decoder_graph, "decoder", 2, 48))
     shapes = trt_backend.max_shapes(record)
     spec = manifest.decoder

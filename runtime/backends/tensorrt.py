@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..cuda import Cuda, CudaError
-from ..engines import _Logger, device_tag, gpu_description, import_tensorrt, select_engines
+from ..engines import CollectingLogger, device_tag, gpu_description, import_tensorrt, select_engines
 from ..errors import BundleError, InputError
 from ..manifest import EngineSpec, Manifest, past_names, present_names
 from .embedding import HostEmbedding
@@ -50,7 +50,7 @@ def max_shapes(spec: EngineSpec) -> dict[str, tuple[int, ...]]:
 class _Engine:
     """A deserialized engine with an execution context per optimization profile."""
 
-    def __init__(self, trt, runtime, logger: _Logger, path: Path, spec: EngineSpec, cuda: Cuda):
+    def __init__(self, trt, runtime, logger: CollectingLogger, path: Path, spec: EngineSpec, cuda: Cuda):
         try:
             data = path.read_bytes()
         except OSError as exc:
@@ -84,7 +84,7 @@ class TensorRTBackend:
         self.cuda = Cuda()
         self.max_batch, self.max_seq_len = record.max_batch, record.max_seq_len
         self.decoder_spec = manifest.decoder
-        self._logger = _Logger(trt)
+        self._logger = CollectingLogger(trt)
         self._runtime = trt.Runtime(self._logger.logger)
         self.vision = _Engine(trt, self._runtime, self._logger, bundle_dir / record.vision.file, record.vision, self.cuda)
         self.decoder = _Engine(trt, self._runtime, self._logger, bundle_dir / record.decoder.file, record.decoder,
