@@ -1,1 +1,2 @@
-"""Benchmarks against transformers (issue 6; nothing here yet)."""
+"""Benchmarks against transformers: ``paligemma-edge bench`` (harness.py), one process per row (worker.py),
+the benchmark models built from configs (models.py)."""

@@ -1,9 +1,9 @@
 """``paligemma-edge bench``: latency, throughput, memory and size per backend x precision, against transformers.
 
 Every row runs in a process of its own (benchmarks/worker.py), after a warm-up, and reports
-medians. In the same run: host memory bandwidth (a large array copy), so decode speed can be read
-as a fraction of its physical ceiling (weight bytes read per token / bandwidth), and the
-transformers baseline on the same image and prompt, with the ratios to it.
+medians. In the same run: host memory read bandwidth (a large array summed on every thread), so
+decode speed can be read as a fraction of its physical ceiling (weight bytes read per token /
+bandwidth), and the transformers baseline on the same image and prompt, with the ratios to it.
 """
 
 from __future__ import annotations
@@ -31,7 +31,11 @@ Progress = Callable[[str], None]
 
 @dataclass(frozen=True)
 class BenchOptions:
-    model: str
+    """Either ``model`` (built or found, exported, quantized to ``precisions``, with the transformers
+    baseline) or ``bundles`` (existing bundles, e.g. on a device without torch: runtime rows only)."""
+
+    model: str | None = None
+    bundles: tuple[Path, ...] = ()
     precisions: tuple[str, ...] = ("fp32", "int8", "int4")
     backends: tuple[str, ...] = ("onnxruntime",)
     baseline: str | None = "transformers"
@@ -39,12 +43,20 @@ class BenchOptions:
     new_tokens: int = 32
     threads: int | None = None
     workdir: Path = Path("build/bench")
+    reuse: bool = False  # keep quantized bundles already in workdir (their quantize times are then not reported)
 
     def __post_init__(self):
         from ..runtime.backends.base import BACKENDS
 
-        if self.model not in MODELS and not (Path(self.model) / "config.json").is_file():
+        if (self.model is None) == (not self.bundles):
+            raise InputError("give --model (built, exported and quantized here) or --bundles (existing bundles)")
+        if self.model is not None and self.model not in MODELS and not (Path(self.model) / "config.json").is_file():
             raise InputError(f"--model {self.model}: not one of {', '.join(MODELS)} nor a checkpoint directory")
+        for bundle in self.bundles:
+            if not (Path(bundle) / "manifest.json").is_file():
+                raise InputError(f"--bundles {bundle}: not a bundle directory (no manifest.json)")
+        if self.bundles and self.baseline:
+            raise InputError("the transformers baseline needs the checkpoint: use --model, or --baseline none")
         for backend in self.backends:
             if backend not in BACKENDS:
                 raise InputError(f"unknown backend '{backend}'; choose from: {', '.join(sorted(BACKENDS))}")
@@ -57,19 +69,23 @@ class BenchOptions:
             raise InputError("--runs must be >= 1 and --new-tokens >= 2")
 
 
-def memory_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
-    """Host memory bandwidth from a large array copy: (read + write bytes) / best time.
+def memory_bandwidth_gbs(threads: int, megabytes: int = 1024, repeats: int = 5) -> float:
+    """Host memory read bandwidth: a large array summed in ``threads`` slices at once, best of ``repeats``.
 
-    numpy copies on one thread; several cores together may reach more, so the "% of ceiling"
-    figures are an upper bound on how close decoding gets to the hardware's limit."""
-    src = np.ones(megabytes * (1 << 20) // 8, dtype=np.float64)
-    dst = np.empty_like(src)
+    Decoding reads every weight once per token with all the backend's threads, so this is the
+    ceiling decode speed is held to; a one-thread copy is not (24.7 GB/s against this 33.5 GB/s
+    on the 2-core machine the README's tables come from)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    array = np.ones(megabytes * (1 << 20) // 4, dtype=np.float32)
+    slices = np.array_split(array, threads)
     best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        np.copyto(dst, src)
-        best = min(best, time.perf_counter() - start)
-    return 2 * src.nbytes / best / 1e9
+    with ThreadPoolExecutor(threads) as pool:  # numpy releases the GIL inside the reduction
+        for _ in range(repeats):
+            start = time.perf_counter()
+            list(pool.map(np.add.reduce, slices))
+            best = min(best, time.perf_counter() - start)
+    return array.nbytes / best / 1e9
 
 
 def machine_info(bandwidth: float) -> dict:
@@ -85,7 +101,7 @@ def machine_info(bandwidth: float) -> dict:
     return {
         "cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(memory, 1) if memory else None,
         "platform": platform.platform(), "python": platform.python_version(),
-        "memory_bandwidth_gbs": round(bandwidth, 2),
+        "memory_read_bandwidth_gbs": round(bandwidth, 2),
     }
 
 
@@ -119,11 +135,17 @@ def _bytes_read_per_token(bundle: Path) -> int:
     return sum((bundle / name).stat().st_size for name in manifest.weight_files(include_vision=False))
 
 
-def run_benchmark(options: BenchOptions, progress: Progress = lambda message: None) -> dict:
-    workdir = Path(options.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    progress("measuring memory bandwidth")
-    bandwidth = memory_bandwidth_gbs()
+@dataclass
+class _Prepared:
+    name: str
+    description: str
+    checkpoint: Path | None
+    bundles: dict[str, Path]  # row label (the precision) -> bundle
+    timings: dict[str, dict[str, float]]
+
+
+def _prepare_model(options: BenchOptions, workdir: Path, progress: Progress) -> _Prepared:
+    """Build or find the checkpoint, export it once (kept in ``workdir``), quantize to each precision."""
     progress(f"building or finding model {options.model}")
     checkpoint = build_model(options.model, workdir)
     name = options.model if options.model in MODELS else checkpoint.name
@@ -137,9 +159,39 @@ def run_benchmark(options: BenchOptions, progress: Progress = lambda message: No
         if precision == "fp32":
             continue
         bundles[precision] = workdir / f"{name}-{precision}"
+        if options.reuse and (bundles[precision] / "manifest.json").is_file():
+            progress(f"reusing {bundles[precision]}")
+            continue
         progress(f"quantizing to {precision}")
         seconds = _cli(["quantize", str(fp32), "--precision", precision, "-o", str(bundles[precision]), "--force"])
         timings[precision] = {"quantize_s": seconds}
+    bundles = {p: bundles[p] for p in options.precisions}
+    description = MODELS[name].description if name in MODELS else str(checkpoint)
+    return _Prepared(name, description, checkpoint, bundles, timings)
+
+
+def _existing_bundles(options: BenchOptions) -> _Prepared:
+    """Rows for bundles made elsewhere, labelled by their precision (and directory where two share one)."""
+    manifests = [(Path(b), read_manifest(Path(b))) for b in options.bundles]
+    precisions = [m.precision for _, m in manifests]
+    bundles = {}
+    for (path, manifest), precision in zip(manifests, precisions):
+        label = precision if precisions.count(precision) == 1 else f"{precision} ({path.name})"
+        bundles[label] = path
+    model_name = manifests[0][1].model_name
+    return _Prepared(f"{model_name}-bundles", f"existing bundles of {model_name}", None, bundles, {})
+
+
+def run_benchmark(options: BenchOptions, progress: Progress = lambda message: None) -> dict:
+    workdir = Path(options.workdir)
+    threads = options.threads or os.cpu_count() or 1
+    progress(f"measuring memory read bandwidth ({threads} threads)")
+    bandwidth = memory_bandwidth_gbs(threads)
+    if options.bundles:
+        prepared = _existing_bundles(options)
+    else:
+        workdir.mkdir(parents=True, exist_ok=True)
+        prepared = _prepare_model(options, workdir, progress)
 
     threads = ["--threads", str(options.threads)] if options.threads else []
     common = ["--runs", str(options.runs), "--new-tokens", str(options.new_tokens), *threads]
@@ -147,20 +199,21 @@ def run_benchmark(options: BenchOptions, progress: Progress = lambda message: No
     baseline = None
     if options.baseline:
         progress("running the transformers baseline")
-        baseline = _worker(["transformers", str(checkpoint), *common])
-        weights = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
+        baseline = _worker(["transformers", str(prepared.checkpoint), *common])
+        weights = sum(p.stat().st_size for p in prepared.checkpoint.glob("*.safetensors"))
         baseline.update(backend="transformers", precision="fp32", bundle_mb=weights / 1e6)
         results.append(baseline)
     for backend in options.backends:
-        for precision in options.precisions:
+        for precision, bundle in prepared.bundles.items():
             progress(f"running {backend} {precision}")
-            row = _worker(["runtime", str(bundles[precision]), "--backend", backend, *common])
-            per_token = _bytes_read_per_token(bundles[precision])
+            row = _worker(["runtime", str(bundle), "--backend", backend, *common])
+            per_token = _bytes_read_per_token(bundle)
             ceiling = bandwidth * 1e9 / per_token
             row.update(
-                backend=backend, precision=precision, bundle_mb=_bundle_bytes(bundles[precision]) / 1e6,
+                backend=backend, precision=precision, bundle=str(bundle), bundle_mb=_bundle_bytes(bundle) / 1e6,
                 weight_bytes_per_token=per_token, bandwidth_ceiling_tokens_per_s=ceiling,
-                percent_of_bandwidth_ceiling=100 * row["decode_tokens_per_s"] / ceiling, **timings.get(precision, {}),
+                percent_of_bandwidth_ceiling=100 * row["decode_tokens_per_s"] / ceiling,
+                **prepared.timings.get(precision, {}),
             )
             if baseline:
                 row["vs_transformers"] = {
@@ -170,7 +223,7 @@ def run_benchmark(options: BenchOptions, progress: Progress = lambda message: No
                 }
             results.append(row)
     return {
-        "model": name, "description": MODELS[name].description if name in MODELS else str(checkpoint),
+        "model": prepared.name, "description": prepared.description,
         "machine": machine_info(bandwidth), "runs": options.runs, "new_tokens": options.new_tokens,
         "threads": options.threads or os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "results": results,
     }
@@ -180,7 +233,7 @@ def markdown(report: dict) -> str:
     machine = report["machine"]
     lines = [
         f"**{report['model']}** ({report['description']}) on {machine['cpu']}, {machine['cores']} cores, "
-        f"{machine['memory_gib']} GiB, {machine['memory_bandwidth_gbs']} GB/s copy bandwidth; {report['threads']} threads, "
+        f"{machine['memory_gib']} GiB, {machine['memory_read_bandwidth_gbs']} GB/s read bandwidth; {report['threads']} threads, "
         f"medians of {report['runs']} runs, {report['new_tokens']} new tokens, {report['date']}.",
         "",
         "| backend | precision | vision ms | prefill ms | TTFT ms | decode tok/s | x transformers | % of bw ceiling | peak RSS MB | size MB |",

@@ -3,6 +3,8 @@
 On a seeded random image and a sample prompt this checks, in order: the runtime's pixels
 equal the processor's, the runtime's prompt ids equal the processor's, and the logits of
 the prefill and of one KV-cached decode step match the PyTorch model's within tolerance.
+The PyTorch side (``reference_outputs``) runs first, so the model can be released before the
+bundle is loaded.
 """
 
 from __future__ import annotations
@@ -54,7 +56,20 @@ class ValidationReport:
         return asdict(self) | {"max_abs_logit_diff": self.max_abs_logit_diff, "backend": "onnxruntime"}
 
 
-def _reference_logits(checkpoint: Checkpoint, inputs: dict, next_token: int | None):
+@dataclass
+class Reference:
+    """What the PyTorch model and its processor give on the validation inputs, computed before the
+    bundle is run so that the model can be released first (a 3B model and its bundle need not both fit)."""
+
+    image: Image.Image
+    pixel_values: np.ndarray
+    prompt_ids: dict[str, list[int]]
+    prefill_logits: np.ndarray
+    next_token: int
+    decode_logits: np.ndarray
+
+
+def _reference_logits(model, inputs: dict, next_token: int | None) -> np.ndarray:
     """PyTorch logits at the last position: of the prompt, or of prompt + next_token."""
     import torch
 
@@ -66,45 +81,56 @@ def _reference_logits(checkpoint: Checkpoint, inputs: dict, next_token: int | No
         # The generated token is suffix (type 1): causal, outside the bidirectional prefix.
         inputs["token_type_ids"] = torch.cat([inputs["token_type_ids"], torch.ones_like(extra)], dim=1)
     with torch.no_grad():
-        out = checkpoint.model(**inputs, use_cache=False, logits_to_keep=1)
+        out = model(**inputs, use_cache=False, logits_to_keep=1)
     return out.logits[:, -1, :].float().numpy()
 
 
-def validate_bundle(bundle_dir: Path, manifest: Manifest, checkpoint: Checkpoint, tolerance: float) -> ValidationReport:
+def reference_outputs(checkpoint: Checkpoint) -> Reference:
+    """The processor's pixels and prompt ids and the model's prefill and next-step logits on a seeded image."""
     rng = np.random.default_rng(0)
-    image = Image.fromarray(rng.integers(0, 256, (manifest.image.height + 13, manifest.image.width + 7, 3), dtype=np.uint8))
-    inputs = checkpoint.processor(images=[image], text=[f"<image>{SAMPLE_PROMPT}"], return_tensors="pt")
+    size = checkpoint.image
+    image = Image.fromarray(rng.integers(0, 256, (size.height + 13, size.width + 7, 3), dtype=np.uint8))
+    processor = checkpoint.processor
+    inputs = processor(images=[image], text=[f"<image>{SAMPLE_PROMPT}"], return_tensors="pt")
     inputs.pop("labels", None)
+    prompt_ids = {p: list(processor(images=[image], text=[f"<image>{p}"])["input_ids"][0]) for p in TOKENIZER_PROMPTS}
+    prefill_logits = _reference_logits(checkpoint.model, inputs, None)
+    next_token = int(np.argmax(prefill_logits[0]))
+    return Reference(
+        image=image, pixel_values=inputs["pixel_values"].numpy(), prompt_ids=prompt_ids,
+        prefill_logits=prefill_logits, next_token=next_token,
+        decode_logits=_reference_logits(checkpoint.model, inputs, next_token),
+    )
 
+
+def validate_bundle(bundle_dir: Path, manifest: Manifest, reference: Reference, tolerance: float) -> ValidationReport:
     with load(bundle_dir, verify=False) as runtime:
-        for prompt in TOKENIZER_PROMPTS:
+        for prompt, theirs in reference.prompt_ids.items():
             ours = runtime.tokenizer.encode(prompt)
-            theirs = checkpoint.processor(images=[image], text=[f"<image>{prompt}"])["input_ids"][0]
-            if ours != list(theirs):
+            if ours != theirs:
                 raise ValidationError(
                     f"the bundle's tokenizer gives different ids than the checkpoint's processor for {prompt!r} "
-                    f"({ours[-12:]} vs {list(theirs)[-12:]})"
+                    f"({ours[-12:]} vs {theirs[-12:]})"
                 )
         batch = runtime.tokenizer.batch([SAMPLE_PROMPT])
-        pixels = preprocess([image], manifest.image)
-        pixel_diff = float(np.abs(pixels - inputs["pixel_values"].numpy()).max())
+        pixels = preprocess([reference.image], manifest.image)
+        pixel_diff = float(np.abs(pixels - reference.pixel_values).max())
         if pixel_diff > 1e-5:
             raise ValidationError(f"runtime preprocessing differs from the processor by {pixel_diff:.3g} in pixel values")
         image_embeds = runtime.backend.encode_images(pixels)
         logits, state = prefill(runtime.backend, manifest.decoder, batch, image_embeds)
-        reference = _reference_logits(checkpoint, inputs, None)
-        prefill_diff = float(np.abs(logits - reference).max())
-        next_token = int(np.argmax(reference[0]))
+        prefill_diff = float(np.abs(logits - reference.prefill_logits).max())
+        next_token = reference.next_token
         decode_logits = decode_step(runtime.backend, manifest.decoder, state, np.array([next_token]))
-        decode_reference = _reference_logits(checkpoint, inputs, next_token)
-        decode_diff = float(np.abs(decode_logits - decode_reference).max())
+        decode_diff = float(np.abs(decode_logits - reference.decode_logits).max())
 
-    scale = float(max(np.abs(reference).max(), np.abs(decode_reference).max()))
+    scale = float(max(np.abs(reference.prefill_logits).max(), np.abs(reference.decode_logits).max()))
     allowed = tolerance * max(1.0, scale)
     report = ValidationReport(
         prompt=SAMPLE_PROMPT, pixel_max_abs_diff=pixel_diff, prefill_max_abs_logit_diff=prefill_diff,
         decode_max_abs_logit_diff=decode_diff, reference_max_abs_logit=scale,
-        top1_agrees=bool(np.argmax(logits[0]) == next_token and np.argmax(decode_logits[0]) == np.argmax(decode_reference[0])),
+        top1_agrees=bool(np.argmax(logits[0]) == next_token
+                         and np.argmax(decode_logits[0]) == np.argmax(reference.decode_logits[0])),
         tolerance=tolerance, passed=max(prefill_diff, decode_diff) <= allowed,
     )
     if not report.passed:

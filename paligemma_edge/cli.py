@@ -131,11 +131,16 @@ def _cmd_eval(args) -> int:
 
 def _cmd_bench(args) -> int:
     harness = _with_export_extra("bench", ".benchmarks.harness")
+    bundles = tuple(Path(b.strip()) for b in (args.bundles or "").split(",") if b.strip())
+    if bundles and args.precision:
+        raise InputError("--precision applies to --model; a bundle's precision is read from its manifest")
+    baseline = args.baseline or ("none" if bundles else "transformers")
     options = harness.BenchOptions(
-        model=args.model, precisions=tuple(p.strip() for p in args.precision.split(",") if p.strip()),
+        model=args.model, bundles=bundles,
+        precisions=tuple(p.strip() for p in (args.precision or "fp32,int8,int4").split(",") if p.strip()),
         backends=tuple(b.strip() for b in args.backend.split(",") if b.strip()),
-        baseline=None if args.baseline == "none" else args.baseline, runs=args.runs, new_tokens=args.new_tokens,
-        threads=args.threads, workdir=Path(args.workdir),
+        baseline=None if baseline == "none" else baseline, runs=args.runs, new_tokens=args.new_tokens,
+        threads=args.threads, workdir=Path(args.workdir), reuse=args.reuse,
     )
     report = harness.run_benchmark(options, progress=args.progress)
     for path in harness.write_reports(report, Path(args.out_dir), Path(args.json) if args.json else None):
@@ -391,15 +396,21 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(handler=_cmd_eval)
 
     bench = commands.add_parser("bench", help="latency, throughput, memory and size against transformers")
-    bench.add_argument("--model", required=True,
-                       help="tiny, mid, paligemma-3b-224, paligemma2-3b-224 (built with random weights) or a checkpoint path")
-    bench.add_argument("--precision", default="fp32,int8,int4", help="comma-separated: fp32,fp16,int8,int4")
+    source = bench.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="tiny, mid, paligemma-3b-224, paligemma2-3b-224 (built with random weights) "
+                                        "or a checkpoint path: exported and quantized here, with the baseline")
+    source.add_argument("--bundles", help="comma-separated existing bundle directories (e.g. on a device without "
+                                          "torch): runtime rows only")
+    bench.add_argument("--precision", help="with --model, comma-separated: fp32,fp16,int8,int4 (default fp32,int8,int4)")
     bench.add_argument("--backend", default="onnxruntime", help="comma-separated runtime backends")
-    bench.add_argument("--baseline", default="transformers", choices=("transformers", "none"))
+    bench.add_argument("--baseline", choices=("transformers", "none"),
+                       help="default: transformers with --model, none with --bundles")
     bench.add_argument("--runs", type=_positive_int, default=3, help="measured runs after a warm-up (median)")
     bench.add_argument("--new-tokens", type=_positive_int, default=32)
     bench.add_argument("--threads", type=_positive_int, help="threads for every row (default: all cores)")
     bench.add_argument("--workdir", default="build/bench", help="where models and bundles are built and kept")
+    bench.add_argument("--reuse", action="store_true",
+                       help="keep quantized bundles already in --workdir instead of re-quantizing (no quantize times)")
     bench.add_argument("--out-dir", default="benchmarks/results", help="JSON, markdown table and PNG chart go here")
     bench.add_argument("--json", metavar="OUT.json", help="write the JSON here instead of OUT-DIR/MODEL.json")
     bench.set_defaults(handler=_cmd_bench)

@@ -6,7 +6,7 @@ file names. The tied embedding / LM head is stored once: fp16 for fp16 bundles, 
 scale per row for int8 and int4 bundles (``keep_embeddings`` leaves it fp32).
 
 Two targets. ``onnxruntime`` (the default) uses the formats ONNX Runtime's CPU kernels are
-fastest with: int8 MatMulInteger (dynamic) and int4 MatMulNBits, with the int8 table feeding an
+fastest with: int8 DynamicQuantizeMatMul (dynamic) and int4 MatMulNBits, with the int8 table feeding an
 integer LM head. ``tensorrt`` writes what TensorRT's ONNX parser takes in a strongly typed
 network: weight-only int8 (per-channel Q/DQ) and int4 (blocked DequantizeLinear), both on fp16
 activations, and the table in fp16 (TensorRT has no integer LM head). Both run on ONNX Runtime too.

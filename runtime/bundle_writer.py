@@ -71,6 +71,16 @@ def _move_into_place(staging: Path, output: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def _make_files_readable(directory: Path) -> None:
+    """Ordinary file modes (0644 less the umask): onnx writes external data files owner-only (0600),
+    which a bundle copied to a device and read by another user could not be loaded from."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in directory.iterdir():
+        if path.is_file():
+            path.chmod(0o644 & ~umask)
+
+
 @contextmanager
 def staged_bundle(output: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a staging directory; on normal exit it becomes ``output``, on any error it is removed."""
@@ -78,6 +88,7 @@ def staged_bundle(output: Path, overwrite: bool) -> Iterator[Path]:
     staging = _staging_dir(output)
     try:
         yield staging
+        _make_files_readable(staging)
         _move_into_place(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -7,6 +7,7 @@ user runs it. Everything is session-scoped: each model is built and exported onc
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+# A test run started in the background (`cmd &` in a script) inherits SIGINT ignored, and so would
+# every command the tests start; the Ctrl-C tests need them to see SIGINT as a user's would.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # (family, image size): both families at two image sizes (4 and 9 image tokens).
 MODELS = [(1, 28), (2, 28), (1, 42), (2, 42)]

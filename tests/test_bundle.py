@@ -89,3 +89,19 @@ def test_manifest_rejects_unknown_keys_and_other_schema_versions(bundles, tmp_pa
         read_manifest(bundle)
     (bundle / MANIFEST_NAME).write_text(json.dumps(data))
     assert read_manifest(bundle).tokens.eos == tuple(data["tokens"]["eos"])
+
+
+def test_staged_bundle_files_get_ordinary_modes(tmp_path):
+    """onnx writes external weight files owner-only (0600); a finished bundle's files are readable by all."""
+    import os
+
+    from paligemma_edge.runtime.bundle_writer import staged_bundle
+
+    output = tmp_path / "bundle"
+    with staged_bundle(output, overwrite=False) as staging:
+        private = staging / "decoder.onnx.data"
+        private.write_bytes(b"weights")
+        private.chmod(0o600)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (output / "decoder.onnx.data").stat().st_mode & 0o777 == 0o644 & ~umask

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import pytest
 
 import paligemma_edge
@@ -62,10 +63,20 @@ def test_manifest_records_methods_and_parameters(quantized):
     assert int4.decoder_graph.quantization["block_size"] == 32 and int4.decoder_graph.quantization["bits"] == 4
     assert int4.embedding.dtype == "int8" and int4.embedding.transposed and int4.embedding.scale_file
     assert "embedding_scale" in int4.decoder_graph.input_names()
+    # int8 compute in the int4 kernels (accuracy_level 4): the fp32-compute default is several times slower
+    graph = onnx.load(str(quantized[(2, 28), "int4"] / "decoder.onnx"), load_external_data=False).graph
+    levels = [onnx.helper.get_node_attr_value(n, "accuracy_level") for n in graph.node if n.op_type == "MatMulNBits"]
+    assert levels and set(levels) == {4} and int4.decoder_graph.quantization["accuracy_level"] == 4
     static = read_manifest(quantized[(2, 28), "int8-static"])
     assert static.decoder_graph.quantization["method"] == "int8-static-qdq"
     assert static.quantization["calibration"]["images"] == 3 and static.quantization["calibration"]["prompts"] == 2
-    assert read_manifest(quantized[(2, 28), "int8"]).decoder_graph.quantization["method"] == "int8-dynamic"
+    int8 = read_manifest(quantized[(2, 28), "int8"])
+    assert int8.decoder_graph.quantization["method"] == "int8-dynamic"
+    graph = onnx.load(str(quantized[(2, 28), "int8"] / "decoder.onnx"), load_external_data=False).graph
+    weights = {t.name for t in graph.initializer}
+    dynamic = [n for n in graph.node if n.op_type == "DynamicQuantizeMatMul"]
+    assert len(dynamic) == int8.decoder_graph.quantization["matmuls"] > 0
+    assert not [n.name for n in graph.node if n.op_type == "MatMul" and set(n.input) & weights]  # no fp32 weight left
     fp16 = read_manifest(quantized[(2, 28), "fp16"])
     ranges = fp16.decoder_graph.quantization["ranges"]
     assert {"max_abs_activation", "kept_in_fp32", "kept_ops", "threshold"} <= set(ranges)
@@ -86,7 +97,8 @@ def test_tensorrt_target_writes_what_the_parser_takes(quantized, name, method):
     manifest = read_manifest(quantized[(2, 28), name])
     decoder = onnx.load(str(quantized[(2, 28), name] / manifest.decoder_graph.file))
     ops = {n.op_type for n in decoder.graph.node}
-    assert "DequantizeLinear" in ops and not ops & {"MatMulInteger", "DynamicQuantizeLinear", "MatMulNBits", "QuantizeLinear"}
+    onnxruntime_only = {"MatMulInteger", "DynamicQuantizeLinear", "DynamicQuantizeMatMul", "MatMulNBits", "QuantizeLinear"}
+    assert "DequantizeLinear" in ops and not ops & onnxruntime_only
     assert manifest.decoder_graph.quantization["method"] == method
     assert manifest.decoder_graph.quantization["target"] == "tensorrt"
     assert manifest.embedding.dtype == "float16" and manifest.embedding.scale_file is None
