@@ -52,6 +52,8 @@ class BenchOptions:
             raise InputError("give --model (built, exported and quantized here) or --bundles (existing bundles)")
         if self.model is not None and self.model not in MODELS and not (Path(self.model) / "config.json").is_file():
             raise InputError(f"--model {self.model}: not one of {', '.join(MODELS)} nor a checkpoint directory")
+        if self.bundles and self.reuse:
+            raise InputError("--reuse applies to --model (bundles it quantized before); --bundles are used as they are")
         for bundle in self.bundles:
             if not (Path(bundle) / "manifest.json").is_file():
                 raise InputError(f"--bundles {bundle}: not a bundle directory (no manifest.json)")
@@ -159,7 +161,7 @@ def _prepare_model(options: BenchOptions, workdir: Path, progress: Progress) -> 
         if precision == "fp32":
             continue
         bundles[precision] = workdir / f"{name}-{precision}"
-        if options.reuse and (bundles[precision] / "manifest.json").is_file():
+        if options.reuse and "fp32" not in timings and _is_bundle_of(bundles[precision], precision):
             progress(f"reusing {bundles[precision]}")
             continue
         progress(f"quantizing to {precision}")
@@ -170,13 +172,27 @@ def _prepare_model(options: BenchOptions, workdir: Path, progress: Progress) -> 
     return _Prepared(name, description, checkpoint, bundles, timings)
 
 
+def _is_bundle_of(path: Path, precision: str) -> bool:
+    """A finished bundle at ``precision`` (one made from an earlier fp32 export is not reused: see the caller)."""
+    return (path / "manifest.json").is_file() and read_manifest(path).precision == precision
+
+
 def _existing_bundles(options: BenchOptions) -> _Prepared:
-    """Rows for bundles made elsewhere, labelled by their precision (and directory where two share one)."""
+    """Rows for bundles made elsewhere (one model), labelled by their precision (and directory where two share one)."""
     manifests = [(Path(b), read_manifest(Path(b))) for b in options.bundles]
+    models = {m.model_name for _, m in manifests}
+    if len(models) > 1:
+        raise InputError(f"--bundles are of different models ({', '.join(sorted(models))}): one model per report")
+    if len({p.resolve() for p, _ in manifests}) < len(manifests):
+        raise InputError("--bundles names a bundle twice")
     precisions = [m.precision for _, m in manifests]
+    names = [p.name for p, _ in manifests]
     bundles = {}
-    for (path, manifest), precision in zip(manifests, precisions):
-        label = precision if precisions.count(precision) == 1 else f"{precision} ({path.name})"
+    for path, manifest in manifests:
+        if precisions.count(manifest.precision) == 1:
+            label = manifest.precision
+        else:  # the directory tells them apart, or its whole path where two share a name
+            label = f"{manifest.precision} ({path.name if names.count(path.name) == 1 else path})"
         bundles[label] = path
     model_name = manifests[0][1].model_name
     return _Prepared(f"{model_name}-bundles", f"existing bundles of {model_name}", None, bundles, {})
@@ -185,11 +201,10 @@ def _existing_bundles(options: BenchOptions) -> _Prepared:
 def run_benchmark(options: BenchOptions, progress: Progress = lambda message: None) -> dict:
     workdir = Path(options.workdir)
     threads = options.threads or os.cpu_count() or 1
+    prepared = _existing_bundles(options) if options.bundles else None  # bad bundles fail before any work
     progress(f"measuring memory read bandwidth ({threads} threads)")
     bandwidth = memory_bandwidth_gbs(threads)
-    if options.bundles:
-        prepared = _existing_bundles(options)
-    else:
+    if prepared is None:
         workdir.mkdir(parents=True, exist_ok=True)
         prepared = _prepare_model(options, workdir, progress)
 

@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
-import statistics
+import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
+from ..runtime.errors import PaliGemmaEdgeError
 
 _ITEM_BYTES = {"float": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1, "int32": 4, "int64": 8, "bool": 1}
 
@@ -70,6 +72,8 @@ def profile_decode(bundle: str, new_tokens: int = 8, threads: int | None = None)
         # every run decodes exactly new_tokens tokens, as in the benchmark rows
         model.manifest = dataclasses.replace(model.manifest, tokens=dataclasses.replace(model.manifest.tokens, eos=()))
         backend = model.backend
+        backend.decoder = None  # the profiling session replaces it: never both in memory (a 3B fp32 decoder is 8 GB)
+        gc.collect()
         options = ort.SessionOptions()
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(scratch) / "decoder")
@@ -82,15 +86,16 @@ def profile_decode(bundle: str, new_tokens: int = 8, threads: int | None = None)
         weight_shapes = _weight_shapes(graph_path, backend.host_embedding.table)
     decode_runs = _runs(events)[1:]  # the first decoder run is the prefill
     if not decode_runs:
-        raise SystemExit("no decode step was profiled: raise --new-tokens")
+        raise PaliGemmaEdgeError("no decode step was profiled: raise --new-tokens")
     step_times = [sum(e["dur"] for e in run) for run in decode_runs]
-    median_run = decode_runs[step_times.index(sorted(step_times)[len(step_times) // 2])]
+    median_time = sorted(step_times)[len(step_times) // 2]  # a step that ran, so the shares add up to 100%
+    median_run = decode_runs[step_times.index(median_time)]
     by_type: dict[str, float] = defaultdict(float)
     for event in median_run:
         by_type[event["args"]["op_name"]] += event["dur"] / 1000
     nodes = sorted(median_run, key=lambda e: -e["dur"])
     return {
-        "bundle": str(bundle), "decode_steps": len(decode_runs), "step_ms": statistics.median(step_times) / 1000,
+        "bundle": str(bundle), "decode_steps": len(decode_runs), "step_ms": median_time / 1000,
         "op_types_ms": dict(sorted(by_type.items(), key=lambda kv: -kv[1])),
         "nodes": [
             {"node": e["name"].removesuffix("_kernel_time"), "op": e["args"]["op_name"], "ms": e["dur"] / 1000,
@@ -103,11 +108,17 @@ def profile_decode(bundle: str, new_tokens: int = 8, threads: int | None = None)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bundle")
-    parser.add_argument("--new-tokens", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=8, help="tokens to generate (>= 2)")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--top", type=int, default=8, help="slowest nodes to list")
     args = parser.parse_args(argv)
-    report = profile_decode(args.bundle, args.new_tokens, args.threads)
+    if args.new_tokens < 2 or args.top < 1 or (args.threads is not None and args.threads < 1):
+        parser.error("--new-tokens must be >= 2, --top and --threads >= 1")
+    try:
+        report = profile_decode(args.bundle, args.new_tokens, args.threads)
+    except PaliGemmaEdgeError as exc:
+        print(f"{parser.prog}: {exc}", file=sys.stderr)
+        return 2
     step = report["step_ms"]
     print(f"{report['bundle']}: median decode step {step:.1f} ms (kernel time, {report['decode_steps']} steps)")
     for op, ms in list(report["op_types_ms"].items())[:args.top]:

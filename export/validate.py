@@ -1,7 +1,7 @@
 """Export validation: the written bundle, run by the runtime on ONNX Runtime, against PyTorch.
 
-On a seeded random image and a sample prompt this checks, in order: the runtime's pixels
-equal the processor's, the runtime's prompt ids equal the processor's, and the logits of
+On a seeded random image and a sample prompt this checks, in order: the runtime's prompt ids
+equal the processor's, the runtime's pixels equal the processor's, and the logits of
 the prefill and of one KV-cached decode step match the PyTorch model's within tolerance.
 The PyTorch side (``reference_outputs``) runs first, so the model can be released before the
 bundle is loaded.

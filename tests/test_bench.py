@@ -62,6 +62,7 @@ def test_bench_rejects_bad_options(tmp_path):
         (("--bundles", str(tmp_path)), "not a bundle directory"),
         (("--bundles", str(tmp_path), "--precision", "int8"), "--precision applies to --model"),
         (("--bundles", str(tmp_path), "--model", "tiny"), "not allowed with argument"),
+        (("--bundles", str(tmp_path), "--reuse"), "--reuse applies to --model"),
     ):
         result = run_cli("bench", *args, "--workdir", str(tmp_path))
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
