@@ -173,7 +173,7 @@ def _prepare_model(options: BenchOptions, workdir: Path, progress: Progress) -> 
 
 
 def _is_bundle_of(path: Path, precision: str) -> bool:
-    """A finished bundle at ``precision`` (one made from an earlier fp32 export is not reused: see the caller)."""
+    """A finished bundle at ``precision``."""
     return (path / "manifest.json").is_file() and read_manifest(path).precision == precision
 
 
@@ -208,8 +208,8 @@ def run_benchmark(options: BenchOptions, progress: Progress = lambda message: No
         workdir.mkdir(parents=True, exist_ok=True)
         prepared = _prepare_model(options, workdir, progress)
 
-    threads = ["--threads", str(options.threads)] if options.threads else []
-    common = ["--runs", str(options.runs), "--new-tokens", str(options.new_tokens), *threads]
+    thread_args = ["--threads", str(options.threads)] if options.threads else []
+    common = ["--runs", str(options.runs), "--new-tokens", str(options.new_tokens), *thread_args]
     results = []
     baseline = None
     if options.baseline:
@@ -240,7 +240,7 @@ def run_benchmark(options: BenchOptions, progress: Progress = lambda message: No
     return {
         "model": prepared.name, "description": prepared.description,
         "machine": machine_info(bandwidth), "runs": options.runs, "new_tokens": options.new_tokens,
-        "threads": options.threads or os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "results": results,
+        "threads": threads, "date": time.strftime("%Y-%m-%d"), "results": results,
     }
 
 

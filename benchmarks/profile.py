@@ -65,6 +65,7 @@ def profile_decode(bundle: str, new_tokens: int = 8, threads: int | None = None)
     import onnxruntime as ort
 
     from ..export.tiny import scene_image
+    from ..runtime.backends.onnxruntime import session_options
     from ..runtime.model import load
     from ..runtime.sampling import GenerationOptions
 
@@ -74,11 +75,9 @@ def profile_decode(bundle: str, new_tokens: int = 8, threads: int | None = None)
         backend = model.backend
         backend.decoder = None  # the profiling session replaces it: never both in memory (a 3B fp32 decoder is 8 GB)
         gc.collect()
-        options = ort.SessionOptions()
+        options = session_options(threads)  # as the backend made its decoder session, plus the profiler
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(scratch) / "decoder")
-        if threads:
-            options.intra_op_num_threads = threads
         graph_path = Path(bundle) / model.manifest.decoder_graph.file
         backend.decoder = ort.InferenceSession(str(graph_path), sess_options=options, providers=backend.providers())
         model.generate_batch([scene_image()], ["caption en"], GenerationOptions(max_new_tokens=new_tokens))

@@ -31,6 +31,16 @@ class OrtCache:
     values: dict[str, ort.OrtValue] = field(default_factory=dict)
 
 
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    """The options every session of a bundle is made with: all graph optimizations, warnings quiet."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    return options
+
+
 class OnnxRuntimeBackend:
     name = "onnxruntime"
     device = "cpu"  # where the cache, the table and the decoder's other inputs live
@@ -39,11 +49,7 @@ class OnnxRuntimeBackend:
         self.manifest = manifest
         self.decoder_spec = manifest.decoder
         self._bundle_dir = Path(bundle_dir)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
+        options = session_options(threads)
         providers = self.providers()
         self.vision = self._session(manifest.vision_graph, options, providers)
         self.decoder = self._session(manifest.decoder_graph, options, providers)
