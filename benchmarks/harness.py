@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..runtime.errors import InputError, PaliGemmaEdgeError
+from ..runtime.errors import BundleError, InputError, PaliGemmaEdgeError
 from ..runtime.manifest import read_manifest
 from .models import MODELS, build_model
 
@@ -173,8 +173,11 @@ def _prepare_model(options: BenchOptions, workdir: Path, progress: Progress) -> 
 
 
 def _is_bundle_of(path: Path, precision: str) -> bool:
-    """A finished bundle at ``precision``."""
-    return (path / "manifest.json").is_file() and read_manifest(path).precision == precision
+    """A finished bundle at ``precision`` that this version reads (an older format is quantized again)."""
+    try:
+        return read_manifest(path).precision == precision
+    except BundleError:
+        return False
 
 
 def _existing_bundles(options: BenchOptions) -> _Prepared:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..runtime.backends.embedding import LM_HEAD_NODE
 from ..runtime.errors import PaliGemmaEdgeError
 
 _ITEM_BYTES = {"float": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1, "int32": 4, "int64": 8, "bool": 1}
@@ -83,6 +84,7 @@ def profile_decode(bundle: str, new_tokens: int = 8, threads: int | None = None)
         model.generate_batch([scene_image()], ["caption en"], GenerationOptions(max_new_tokens=new_tokens))
         events = json.loads(Path(backend.decoder.end_profiling()).read_text())
         weight_shapes = _weight_shapes(graph_path, backend.host_embedding.table)
+        head_bytes = backend.host_embedding.head_bytes()
     decode_runs = _runs(events)[1:]  # the first decoder run is the prefill
     if not decode_runs:
         raise PaliGemmaEdgeError("no decode step was profiled: raise --new-tokens")
@@ -98,7 +100,7 @@ def profile_decode(bundle: str, new_tokens: int = 8, threads: int | None = None)
         "op_types_ms": dict(sorted(by_type.items(), key=lambda kv: -kv[1])),
         "nodes": [
             {"node": e["name"].removesuffix("_kernel_time"), "op": e["args"]["op_name"], "ms": e["dur"] / 1000,
-             "weight_bytes": _weight_bytes(e, weight_shapes)}
+             "weight_bytes": head_bytes if e["name"] == f"{LM_HEAD_NODE}_kernel_time" else _weight_bytes(e, weight_shapes)}
             for e in nodes
         ],
     }

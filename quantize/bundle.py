@@ -2,12 +2,12 @@
 
 The manifest of the result records, per graph, the precision, method and parameters, and for
 fp16 which nodes were kept in fp32 and why; every backend reads that, nothing is guessed from
-file names. The tied embedding / LM head is stored once: fp16 for fp16 bundles, int8 with a
-scale per row for int8 and int4 bundles (``keep_embeddings`` leaves it fp32).
+file names. The tied embedding / LM head is stored once: fp16 for fp16 bundles, int8 in blocks for
+int8 and int4 bundles (``keep_embeddings`` leaves it fp32).
 
 Two targets. ``onnxruntime`` (the default) uses the formats ONNX Runtime's CPU kernels are
-fastest with: int8 DynamicQuantizeMatMul (dynamic) and int4 MatMulNBits, with the int8 table feeding an
-integer LM head. ``tensorrt`` writes what TensorRT's ONNX parser takes in a strongly typed
+fastest with: int8 DynamicQuantizeMatMul (dynamic) and int4 MatMulNBits, with the int8 table read by an
+8-bit MatMulNBits LM head (see ``embedding``). ``tensorrt`` writes what TensorRT's ONNX parser takes in a strongly typed
 network: weight-only int8 (per-channel Q/DQ) and int4 (blocked DequantizeLinear), both on fp16
 activations, and the table in fp16 (TensorRT has no integer LM head). Both run on ONNX Runtime too.
 """
@@ -155,19 +155,20 @@ class _Quantizer:
         return "float32" if options.keep_embeddings else "int8"
 
     def embedding(self) -> tuple[EmbeddingSpec, dict[str, np.ndarray]]:
-        """Write the tied table at its new precision; returns its spec and the decoder's constant inputs."""
+        """Write the tied table at its new precision; returns its spec and the 'embedding' input the decoder
+        takes while it is quantized (an int8 table replaces the float head only after that)."""
         spec = self.manifest.embedding
-        table = np.load(self.source / spec.file)
-        if self.table_dtype == "float16":
-            table = table.astype(np.float16)
-        elif self.table_dtype == "int8":
-            table, scales = embedding.quantize_rows(table)
-            np.save(self.staging / "embedding.npy", table)
-            np.save(self.staging / "embedding_scale.npy", scales)
-            return (EmbeddingSpec("embedding.npy", "int8", spec.shape, scale_file="embedding_scale.npy", transposed=True),
-                    {"embedding": table, embedding.SCALE_INPUT: scales})
-        np.save(self.staging / "embedding.npy", table)
-        return EmbeddingSpec("embedding.npy", str(table.dtype), spec.shape), {"embedding": table}
+        table = np.load(self.source / spec.file, mmap_mode="r")
+        if self.table_dtype == "int8":
+            block_size = embedding.head_block_size(spec.shape[1])
+            blocks, scales = embedding.quantize_blocks(table, block_size)
+            np.save(self.staging / embedding.TABLE_FILE, blocks)
+            np.save(self.staging / embedding.SCALE_FILE, scales)
+            return (EmbeddingSpec(embedding.TABLE_FILE, "uint8", spec.shape, scale_file=embedding.SCALE_FILE,
+                                  block_size=block_size), {"embedding": table})
+        table = np.asarray(table, dtype=np.float16 if self.table_dtype == "float16" else np.float32)
+        np.save(self.staging / embedding.TABLE_FILE, table)
+        return EmbeddingSpec(embedding.TABLE_FILE, str(table.dtype), spec.shape), {"embedding": table}
 
     def graph(self, name: str, spec: GraphSpec, feeds: list[dict], lm_head_int8: bool) -> GraphSpec:
         model = onnx.load(str(self.source / spec.file))
@@ -176,10 +177,7 @@ class _Quantizer:
         fp16_activations = (options.precision == "int4" and options.int4_activations == "fp16"
                             or options.precision == "int8" and options.int8_method == "weight-only")
         head = ""
-        if lm_head_int8:
-            exclude = embedding.int8_lm_head(model)
-            head = "int8 table, per-row scales (MatMulInteger)"
-        elif name == "decoder" and self.table_dtype == "float16" and options.precision != "fp16" and not fp16_activations:
+        if name == "decoder" and self.table_dtype == "float16" and options.precision != "fp16" and not fp16_activations:
             exclude = embedding.fp16_lm_head(model)  # an fp32 graph with the fp16 table
             head = "fp16 table (Cast, MatMul, Cast)"
         elif name == "decoder" and options.precision != "fp16":
@@ -202,6 +200,8 @@ class _Quantizer:
             model = fp16.convert(model, keep_io=self._fp32_io(model), node_block_list=blocked)
             params["activations"] = "fp16"
         params["target"] = options.target
+        if lm_head_int8:  # after the layers are quantized: the new head reads the table written beside the graph
+            head = embedding.blocked_int8_lm_head(model, self.staging, head_name=exclude[0])
         if head:
             params["lm_head"] = head
         external = _save_graph(model, self.staging / spec.file)
@@ -209,9 +209,9 @@ class _Quantizer:
         return GraphSpec(spec.file, inputs, outputs, options.precision, external, params)
 
     def _fp32_io(self, model: onnx.ModelProto) -> list[str]:
-        """Graph I/O that stays fp32 in an fp16 conversion: everything unless --fp16-io, never the per-token
-        scales, and the embedding table unless the table itself is fp16 (the fp16 precision)."""
-        keep = {embedding.SCALE_INPUT} | ({"embedding"} if self.table_dtype != "float16" else set())
+        """Graph I/O that stays fp32 in an fp16 conversion: everything unless --fp16-io, and the embedding
+        table unless the table itself is fp16."""
+        keep = {"embedding"} if self.table_dtype != "float16" else set()
         names = [v.name for v in (*model.graph.input, *model.graph.output)]
         return [n for n in names if n in keep or (not self.options.fp16_io and n != "embedding")]
 
@@ -261,7 +261,7 @@ def quantize_bundle(source: str | Path, output: str | Path, options: QuantizeOpt
         recorded = run.calibration_set() if needs_feeds else calibration.CalibrationSet()
         step(f"writing the tied embedding as {run.table_dtype}")
         embedding_spec, constants = run.embedding()
-        lm_head_int8 = embedding_spec.dtype == "int8"
+        lm_head_int8 = embedding_spec.block_size > 0
         step(f"quantizing vision graph to {options.precision}")
         vision = run.graph("vision", manifest.vision_graph, recorded.vision, lm_head_int8=False)
         step(f"quantizing decoder graph to {options.precision}")

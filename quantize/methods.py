@@ -49,7 +49,7 @@ def _swap_in_int8(model: onnx.ModelProto, tensor: onnx.TensorProto) -> tuple[str
     return names
 
 
-def _ensure_opset(model: onnx.ModelProto, domain: str, version: int) -> None:
+def ensure_opset(model: onnx.ModelProto, domain: str, version: int) -> None:
     for opset in model.opset_import:
         if opset.domain == domain or (domain == "" and opset.domain == "ai.onnx"):
             opset.version = max(opset.version, version)
@@ -71,7 +71,7 @@ def int8_dynamic(model: onnx.ModelProto, exclude: list[str]) -> tuple[onnx.Model
             "DynamicQuantizeMatMul", [node.input[0], weight, scale], list(node.output),
             name=f"{node.name or tensor.name}/int8", domain="com.microsoft"))
         quantized += 1
-    _ensure_opset(model, "com.microsoft", 1)
+    ensure_opset(model, "com.microsoft", 1)
     params = {"method": "int8-dynamic", "weight_type": "int8", "per_channel": True, "symmetric": True,
               "op": "DynamicQuantizeMatMul", "matmuls": quantized}
     return model, params
@@ -141,7 +141,7 @@ def int8_weight_only(model: onnx.ModelProto, exclude: list[str]) -> tuple[onnx.M
             "DequantizeLinear", [weight, scale], [dequantized], axis=1, name=f"{node.name}/dequantize"))
         node.input[1] = dequantized
         quantized += 1
-    _ensure_opset(model, "", 21)  # fp16 scales for DequantizeLinear need opset 19 or later
+    ensure_opset(model, "", 21)  # fp16 scales for DequantizeLinear need opset 19 or later
     params = {"method": "int8-weight-only-qdq", "weight_type": "int8", "per_channel": True, "symmetric": True,
               "matmuls": quantized}
     return model, params

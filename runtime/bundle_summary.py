@@ -114,7 +114,8 @@ class BundleSummary:
         emb = self.embedding
         size = human_size(self.files[emb["file"]]) if self.files.get(emb["file"]) is not None else "missing"
         lines.append(f"  embedding {emb['file']}: {emb['dtype']} {emb['shape']}, {size}"
-                     + (f", transposed, per-token scales in {emb['scale_file']}" if emb["scale_file"] else ""))
+                     + (f", int8 in blocks of {emb['block_size']} (scales in {emb['scale_file']}), read by the decoder's LM head"
+                        if emb["block_size"] else ""))
         if self.quantization:
             shown = {k: v for k, v in self.quantization.items() if not k.startswith("options.")}
             lines.append(f"quantization  {_line(shown)}")
@@ -166,7 +167,7 @@ def inspect_bundle(bundle: str | Path) -> BundleSummary:
                  "sliding_layers": sum(t == "sliding_attention" for t in m.decoder.layer_types)},
         graphs=graphs,
         embedding={"file": m.embedding.file, "dtype": m.embedding.dtype, "shape": list(m.embedding.shape),
-                   "scale_file": m.embedding.scale_file, "transposed": m.embedding.transposed},
+                   "scale_file": m.embedding.scale_file, "block_size": m.embedding.block_size},
         tokenizer=m.tokenizer, files=files,
         total_bytes=sum(size for size in files.values() if size is not None) + (bundle / MANIFEST_NAME).stat().st_size,
         engines={tag: {"flavour": e.flavour, "tensorrt": e.tensorrt_version, "max_batch": e.max_batch,

@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import BundleError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 
 SLIDING = "sliding_attention"
@@ -114,20 +114,30 @@ class GraphSpec:
 
 @dataclass(frozen=True)
 class EmbeddingSpec:
-    """The token embedding, tied to the LM head: stored once, fed to the decoder graph.
+    """The token embedding, tied to the LM head: stored once.
 
-    ``shape`` is [vocab, hidden]. An int8 table is stored transposed, [hidden, vocab] (the layout
-    integer GEMM kernels take), with one float32 scale per token in ``scale_file``."""
+    ``shape`` is [vocab, hidden]. A float table is fed to the decoder graph as its 'embedding' input.
+    An int8 table (``block_size`` > 0) is stored in blocks, [vocab, blocks, block_size] uint8 with zero
+    point 128, and a float32 scale per block in ``scale_file``: the decoder's LM head reads both files
+    itself (they are its initializers' external data), the host lookup reads rows of them."""
 
     file: str
     dtype: str
     shape: tuple[int, int]
     scale_file: str | None = None
-    transposed: bool = False
+    block_size: int = 0
+
+    def __post_init__(self):
+        if self.block_size and not self.scale_file:
+            raise BundleError("manifest: the embedding is int8 in blocks but names no scale_file")
 
     @property
-    def stored_shape(self) -> tuple[int, int]:
-        return (self.shape[1], self.shape[0]) if self.transposed else tuple(self.shape)
+    def blocks(self) -> int:
+        return -(-self.shape[1] // self.block_size) if self.block_size else 0
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        return (self.shape[0], self.blocks, self.block_size) if self.block_size else tuple(self.shape)
 
 
 @dataclass(frozen=True)

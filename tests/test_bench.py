@@ -8,6 +8,8 @@ import sys
 
 from PIL import Image
 
+from paligemma_edge.runtime.manifest import SCHEMA_VERSION, read_manifest
+
 from .conftest import run_cli
 
 ROW_FIELDS = {"backend", "precision", "vision_ms", "prefill_ms", "ttft_ms", "decode_tokens_per_s", "peak_rss_mb",
@@ -42,6 +44,12 @@ def test_bench_tiny_writes_json_markdown_and_chart(tmp_path):
             "--new-tokens", "3", "--workdir", str(tmp_path / "work"), "--out-dir", str(out), check=True)
     (row,) = json.loads((out / "tiny.json").read_text())["results"]
     assert row["precision"] == "int8" and "quantize_s" not in row and int8_manifest.stat().st_mtime_ns == made
+    # ... but quantizes again over a bundle in a format this version no longer reads
+    int8_manifest.write_text(int8_manifest.read_text().replace(f'"schema_version": {SCHEMA_VERSION}', '"schema_version": 0'))
+    run_cli("bench", "--model", "tiny", "--precision", "int8", "--reuse", "--baseline", "none", "--runs", "1",
+            "--new-tokens", "3", "--workdir", str(tmp_path / "work"), "--out-dir", str(out), check=True)
+    (row,) = json.loads((out / "tiny.json").read_text())["results"]
+    assert row["quantize_s"] > 0 and read_manifest(int8_manifest.parent).schema_version == SCHEMA_VERSION
 
     # The same bundles again as a device would run them: no checkpoint, no baseline, no export.
     bundles = ",".join(str(tmp_path / "work" / f"tiny-{p}") for p in ("fp32", "int8"))

@@ -87,6 +87,9 @@ def test_manifest_rejects_unknown_keys_and_other_schema_versions(bundles, tmp_pa
     (bundle / MANIFEST_NAME).write_text(json.dumps(broken))
     with pytest.raises(BundleError, match="missing 'tokens'"):
         read_manifest(bundle)
+    (bundle / MANIFEST_NAME).write_text(json.dumps(data | {"embedding": data["embedding"] | {"block_size": 64}}))
+    with pytest.raises(BundleError, match="names no scale_file"):
+        read_manifest(bundle)
     (bundle / MANIFEST_NAME).write_text(json.dumps(data))
     assert read_manifest(bundle).tokens.eos == tuple(data["tokens"]["eos"])
 

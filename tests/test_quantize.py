@@ -61,8 +61,8 @@ def test_quantized_weights_are_smaller(model, bundles, quantized):
 def test_manifest_records_methods_and_parameters(quantized):
     int4 = read_manifest(quantized[(2, 28), "int4"])
     assert int4.decoder_graph.quantization["block_size"] == 32 and int4.decoder_graph.quantization["bits"] == 4
-    assert int4.embedding.dtype == "int8" and int4.embedding.transposed and int4.embedding.scale_file
-    assert "embedding_scale" in int4.decoder_graph.input_names()
+    assert int4.embedding.dtype == "uint8" and int4.embedding.block_size == 64 and int4.embedding.scale_file
+    assert "embedding" not in int4.decoder_graph.input_names()  # the LM head reads the table itself
     # int8 compute in the int4 kernels (accuracy_level 4): the fp32-compute default is several times slower
     graph = onnx.load(str(quantized[(2, 28), "int4"] / "decoder.onnx"), load_external_data=False).graph
     levels = [onnx.helper.get_node_attr_value(n, "accuracy_level") for n in graph.node if n.op_type == "MatMulNBits"]
@@ -116,11 +116,33 @@ def test_tensorrt_target_refuses_formats_tensorrt_cannot_take(bundles, tmp_path,
 
 
 def test_int8_table_reconstructs_the_embedding(bundles, quantized):
+    from paligemma_edge.runtime.backends.embedding import HostEmbedding, dequantize_rows
+
     source = np.load(bundles[(1, 28)] / "embedding.npy")
     bundle = quantized[(1, 28), "int8"]
     table, scales = np.load(bundle / "embedding.npy"), np.load(bundle / "embedding_scale.npy")
-    restored = table.T.astype(np.float32) * scales[:, None]
-    assert np.abs(restored - source).max() <= scales.max() / 2 + 1e-7
+    assert table.dtype == np.uint8 and table.shape == (source.shape[0], 1, 64)  # the tiny hidden size: one block
+    restored = dequantize_rows(table, scales, np.arange(source.shape[0]), source.shape[1])
+    assert np.all(np.abs(restored - source) <= scales / 2 + 1e-7)  # within half a step of each row's scale
+    manifest = read_manifest(bundle)
+    lookup = HostEmbedding(bundle, manifest, {}).lookup(np.array([[3, 7, 7]]))
+    assert np.allclose(lookup, restored[[3, 7, 7]][None] * manifest.decoder.embedding_scale)
+
+
+@pytest.mark.parametrize("name", ["int8", "int4", "int8-static", "int4-fp16"])
+def test_int8_lm_head_reads_the_bundles_table(quantized, name):
+    """One copy on disk: the decoder's 8-bit MatMulNBits head takes its weights from embedding.npy and
+    embedding_scale.npy themselves (external data at the .npy data offset), not from a copy."""
+    bundle = quantized[(2, 28), name]
+    graph = onnx.load(str(bundle / "decoder.onnx"), load_external_data=False).graph
+    heads = [n for n in graph.node if n.op_type == "MatMulNBits" and onnx.helper.get_node_attr_value(n, "bits") == 8]
+    assert len(heads) == 1
+    initializers = {t.name: t for t in graph.initializer}
+    for name, file in zip(heads[0].input[1:3], ("embedding.npy", "embedding_scale.npy")):
+        stored = np.load(bundle / file, mmap_mode="r")
+        external = {entry.key: entry.value for entry in initializers[name].external_data}
+        assert external == {"location": file, "offset": str(stored.offset), "length": str(stored.nbytes)}
+    assert "embedding" not in [i.name for i in graph.input]
 
 
 def test_fp16_keeps_nodes_that_leave_the_range(bundles, tmp_path, monkeypatch, images):
@@ -199,7 +221,10 @@ def test_int4_fp16_activations_with_other_options(extra, bundles, tmp_path, imag
             "-o", str(target), check=True)
     manifest = read_manifest(target)
     io = {t.name: t.dtype for t in manifest.decoder_graph.inputs}
-    assert io["embedding"] == manifest.embedding.dtype
+    if manifest.embedding.block_size:  # an int8 table: the head reads it, the graph takes no table
+        assert "embedding" not in io and extra == ["--fp16-io"]
+    else:
+        assert io["embedding"] == manifest.embedding.dtype
     assert len(tokens(target, images)[0]) > 0
 
 

@@ -1,5 +1,6 @@
-"""The tied embedding table as the bundle stores it: memory-mapped once, read by the token lookup on
-the host and handed to the decoder's LM head by every backend."""
+"""The tied embedding table as the bundle stores it: memory-mapped once and read by the token lookup on
+the host. A float table is also handed to the decoder's LM head as an input; an int8 table in blocks
+is read by the decoder graph itself (its LM head's initializers are the same files)."""
 
 from __future__ import annotations
 
@@ -10,17 +11,20 @@ import numpy as np
 from ..errors import BundleError
 from ..manifest import Manifest
 
+ZERO_POINT = 128  # an int8 table's stored value is round(value / scale) + 128: MatMulNBits' 8-bit default
+LM_HEAD_NODE = "lm_head_int8/matmul"  # the decoder's node that reads an int8 table
+
 
 class HostEmbedding:
-    """``table`` (and int8 ``row_scales``) as stored, checked against the decoder's input dtypes."""
+    """``table`` (and the int8 table's ``block_scales``) as stored, checked against the decoder's input dtypes."""
 
     def __init__(self, bundle_dir: Path, manifest: Manifest, input_dtypes: dict[str, np.dtype]):
         spec = manifest.embedding
         self.table = load_array(Path(bundle_dir) / spec.file, np.dtype(spec.dtype), spec.stored_shape)
-        self.transposed = spec.transposed
-        self.row_scales = None
-        if spec.scale_file:
-            self.row_scales = load_array(Path(bundle_dir) / spec.scale_file, np.dtype("float32"), (spec.shape[0],))
+        self.hidden = spec.shape[1]
+        self.block_scales = None
+        if spec.block_size:
+            self.block_scales = load_array(Path(bundle_dir) / spec.scale_file, np.dtype("float32"), (spec.shape[0], spec.blocks))
         for name, array in self.decoder_inputs().items():
             if input_dtypes.get(name) != array.dtype:
                 raise BundleError(
@@ -30,20 +34,19 @@ class HostEmbedding:
         self._scale = np.float32(manifest.decoder.embedding_scale)
 
     def decoder_inputs(self) -> dict[str, np.ndarray]:
-        """The decoder's constant inputs: the table, and its per-token scales when it is int8."""
-        inputs = {"embedding": self.table}
-        if self.row_scales is not None:
-            inputs["embedding_scale"] = self.row_scales
-        return inputs
+        """The decoder's constant inputs: a float table; none for an int8 table (the graph reads it)."""
+        return {} if self.block_scales is not None else {"embedding": self.table}
+
+    def head_bytes(self) -> int:
+        """Bytes of the table (and scales) the LM head reads per step."""
+        return self.table.nbytes + (self.block_scales.nbytes if self.block_scales is not None else 0)
 
     def lookup(self, token_ids: np.ndarray) -> np.ndarray:
         """token ids [batch, seq] -> scaled float32 embeddings [batch, seq, hidden]."""
-        if self.transposed:
-            rows = np.moveaxis(np.asarray(self.table[:, token_ids], dtype=np.float32), 0, -1)
+        if self.block_scales is not None:
+            rows = dequantize_rows(self.table, self.block_scales, token_ids, self.hidden)
         else:
             rows = np.asarray(self.table[token_ids], dtype=np.float32)
-        if self.row_scales is not None:
-            rows *= self.row_scales[token_ids][..., None]
         return rows * self._scale
 
 
@@ -56,3 +59,10 @@ def load_array(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarra
     if array.shape != shape or array.dtype != dtype:
         raise BundleError(f"{path}: {array.dtype} {array.shape} differs from the manifest's {dtype} {shape}")
     return array
+
+
+def dequantize_rows(table: np.ndarray, scales: np.ndarray, token_ids: np.ndarray, hidden: int) -> np.ndarray:
+    """Rows of a blocked int8 table ([vocab, blocks, block], scales [vocab, blocks]) as float32
+    [..., hidden], reading only the rows asked for."""
+    rows = (np.asarray(table[token_ids], dtype=np.float32) - ZERO_POINT) * np.asarray(scales[token_ids])[..., None]
+    return rows.reshape(*rows.shape[:-2], -1)[..., :hidden]

@@ -4,7 +4,8 @@ ONNX Runtime's CUDA or TensorRT execution providers (``onnxruntime-gpu``).
 The KV cache lives in ORT-owned buffers on the providers' device: each step's present key/values
 are bound as the next step's past (an IO binding), so neither Python nor the host sees the cache;
 only the logits are bound to host memory. The tied embedding is one memory-mapped array serving
-the token lookup and, placed on the device once, the decoder's LM head input.
+the token lookup and, placed on the device once, the decoder's LM head input (a float table; an
+int8 table is the LM head's own initializer, read by ONNX Runtime from the same files).
 """
 
 from __future__ import annotations
@@ -51,8 +52,9 @@ class OnnxRuntimeBackend:
         self._bundle_dir = Path(bundle_dir)
         options = session_options(threads)
         providers = self.providers()
-        self.vision = self._session(manifest.vision_graph, options, providers)
+        # The decoder first: its load peak (ONNX Runtime reads each weight, then pre-packs a copy) is the larger
         self.decoder = self._session(manifest.decoder_graph, options, providers)
+        self.vision = self._session(manifest.vision_graph, options, providers)
         self._decoder_outputs = manifest.decoder_graph.output_names()
         # Which output becomes which past input on the next step.
         self._cache_routes = [
