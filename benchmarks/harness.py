@@ -153,7 +153,7 @@ def _prepare_model(options: BenchOptions, workdir: Path, progress: Progress) -> 
     name = options.model if options.model in MODELS else checkpoint.name
     fp32 = workdir / f"{name}-fp32"
     timings = {}
-    if not (fp32 / "manifest.json").is_file():
+    if not _is_bundle_of(fp32, "fp32"):  # missing, or in a format this version no longer reads
         progress(f"exporting {checkpoint} -> {fp32}")
         timings["fp32"] = {"export_s": _cli(["export", str(checkpoint), "-o", str(fp32), "--force"])}
     bundles = {"fp32": fp32}

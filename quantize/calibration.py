@@ -68,7 +68,7 @@ def synthetic_images(count: int = 4, size: int = 224) -> list[Image.Image]:
 
 
 # Inputs that are the same on every call (the tied embedding); recorded feeds leave them out.
-CONSTANT_INPUTS = ("embedding", "embedding_scale")
+CONSTANT_INPUTS = ("embedding",)
 
 
 class _Recorder:

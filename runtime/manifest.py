@@ -284,6 +284,8 @@ def read_manifest(bundle_dir: Path) -> Manifest:
     if not path.is_file():
         raise BundleError(f"{bundle_dir}: not a bundle (no {MANIFEST_NAME}); create one with 'paligemma-edge export'")
     data = read_json_object(path, BundleError, "manifest")
+    if data.get("schema_version") == 1:
+        data = _from_schema_1(data, path)
     version = data.get("schema_version")
     if version != SCHEMA_VERSION:
         raise BundleError(
@@ -291,6 +293,19 @@ def read_manifest(bundle_dir: Path) -> Manifest:
             f"{SCHEMA_VERSION}); re-export the bundle with this version of paligemma-edge"
         )
     return _build(Manifest, data, "manifest")
+
+
+def _from_schema_1(data: dict, path: Path) -> dict:
+    """Schema 1 differs only in the int8 table's layout (transposed, a scale per token): its other bundles
+    read as schema 2; an int8 bundle of that layout has to be quantized again."""
+    embedding = data.get("embedding")
+    if not isinstance(embedding, dict):
+        return data | {"schema_version": SCHEMA_VERSION}  # _build reports what is wrong
+    if embedding.get("transposed"):
+        raise BundleError(f"{path}: this int8 bundle stores its table in the old layout (schema 1); quantize "
+                          "its fp32 bundle again with this version of paligemma-edge")
+    rest = {k: v for k, v in embedding.items() if k != "transposed"}
+    return data | {"schema_version": SCHEMA_VERSION, "embedding": rest}
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

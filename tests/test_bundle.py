@@ -90,6 +90,13 @@ def test_manifest_rejects_unknown_keys_and_other_schema_versions(bundles, tmp_pa
     (bundle / MANIFEST_NAME).write_text(json.dumps(data | {"embedding": data["embedding"] | {"block_size": 64}}))
     with pytest.raises(BundleError, match="names no scale_file"):
         read_manifest(bundle)
+    # schema 1 differs only in the int8 table's layout: a float table reads, an old int8 table is refused
+    old = {k: v for k, v in data["embedding"].items() if k != "block_size"}
+    (bundle / MANIFEST_NAME).write_text(json.dumps(data | {"schema_version": 1, "embedding": old | {"transposed": False}}))
+    assert read_manifest(bundle).embedding.block_size == 0
+    (bundle / MANIFEST_NAME).write_text(json.dumps(data | {"schema_version": 1, "embedding": old | {"transposed": True}}))
+    with pytest.raises(BundleError, match="old layout"):
+        read_manifest(bundle)
     (bundle / MANIFEST_NAME).write_text(json.dumps(data))
     assert read_manifest(bundle).tokens.eos == tuple(data["tokens"]["eos"])
 

@@ -11,6 +11,7 @@ import pytest
 import paligemma_edge
 from paligemma_edge import GenerationOptions
 from paligemma_edge.quantize.calibration import DEFAULT_PROMPTS
+from paligemma_edge.runtime.errors import BundleError
 from paligemma_edge.runtime.manifest import read_manifest
 
 from .conftest import QUANTIZED_MODELS as MODELS
@@ -127,6 +128,68 @@ def test_int8_table_reconstructs_the_embedding(bundles, quantized):
     manifest = read_manifest(bundle)
     lookup = HostEmbedding(bundle, manifest, {}).lookup(np.array([[3, 7, 7]]))
     assert np.allclose(lookup, restored[[3, 7, 7]][None] * manifest.decoder.embedding_scale)
+    with pytest.raises(BundleError, match="takes it as an input"):  # a graph that still wants the table
+        HostEmbedding(bundle, manifest, {"embedding": np.dtype("uint8")})
+
+
+def test_blocked_lm_head_computes_what_the_lookup_reads(tmp_path):
+    """The 8-bit MatMulNBits head on a padded table (hidden 200: 13 blocks of 16) gives the logits of the
+    rows dequantize_rows reads, to int8-activation accuracy."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from paligemma_edge.quantize import embedding
+    from paligemma_edge.runtime.backends.embedding import dequantize_rows
+
+    vocab, hidden, batch = 300, 200, 2
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((vocab, hidden)).astype(np.float32)
+    block = embedding.head_block_size(hidden)
+    blocks, scales = embedding.quantize_blocks(table, block, rows_per_chunk=64)
+    assert block == 16 and blocks.shape == (vocab, 13, 16)
+    np.save(tmp_path / "embedding.npy", blocks)
+    np.save(tmp_path / "embedding_scale.npy", scales)
+    head = helper.make_node("MatMul", ["embedding", "hidden_t"], ["logits_t"], name="head")
+    graph = helper.make_graph(
+        [head, helper.make_node("Transpose", ["logits_t"], ["logits"], perm=[1, 0])], "head",
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [vocab, hidden]),
+         helper.make_tensor_value_info("hidden_t", TensorProto.FLOAT, [hidden, batch])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, vocab])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    embedding.blocked_int8_lm_head(model, tmp_path, head_name="head")
+    onnx.save_model(model, str(tmp_path / "head.onnx"))
+    session = ort.InferenceSession(str(tmp_path / "head.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["hidden_t"]
+    hidden_t = rng.standard_normal((hidden, batch)).astype(np.float32)
+    logits = session.run(None, {"hidden_t": hidden_t})[0]
+    expected = hidden_t.T @ dequantize_rows(blocks, scales, np.arange(vocab), hidden).T
+    assert np.abs(logits - expected).max() < 0.02 * np.abs(expected).max()
+    assert np.abs(logits - hidden_t.T @ table.T).max() < 0.03 * np.abs(expected).max()
+
+
+def test_int8_head_needs_a_recent_onnxruntime(quantized, monkeypatch):
+    from paligemma_edge.runtime.backends import onnxruntime as backend
+    from paligemma_edge.runtime.errors import BackendUnavailableError
+
+    monkeypatch.setattr(backend.ort, "__version__", "1.22.1")
+    with pytest.raises(BackendUnavailableError, match=r"needs onnxruntime >= 1.23 \(installed: 1.22.1\)"):
+        paligemma_edge.load(quantized[(2, 28), "int4"])
+    with paligemma_edge.load(quantized[(2, 28), "int8-keep"]):  # a float table: no such head
+        pass
+
+
+def test_int8_head_survives_the_external_data_save(bundles, tmp_path, monkeypatch, images):
+    """With every graph saved as external data, the head's initializers still point at the table files."""
+    from paligemma_edge.quantize import bundle as quantize_module
+    from paligemma_edge.quantize.bundle import QuantizeOptions, quantize_bundle
+
+    monkeypatch.setattr(quantize_module, "EXTERNAL_DATA_THRESHOLD", 0)
+    manifest = quantize_bundle(bundles[(2, 28)], tmp_path / "int8", QuantizeOptions(precision="int8"))
+    assert manifest.decoder_graph.external_data == ("decoder.onnx.data",)
+    graph = onnx.load(str(tmp_path / "int8" / "decoder.onnx"), load_external_data=False).graph
+    locations = {t.name: {e.key: e.value for e in t.external_data}.get("location") for t in graph.initializer}
+    assert locations["lm_head/table"] == "embedding.npy" and locations["lm_head/scales"] == "embedding_scale.npy"
+    assert len(tokens(tmp_path / "int8", images)[0]) > 0
 
 
 @pytest.mark.parametrize("name", ["int8", "int4", "int8-static", "int4-fp16"])

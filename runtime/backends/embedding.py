@@ -25,6 +25,9 @@ class HostEmbedding:
         self.block_scales = None
         if spec.block_size:
             self.block_scales = load_array(Path(bundle_dir) / spec.scale_file, np.dtype("float32"), (spec.shape[0], spec.blocks))
+            if "embedding" in input_dtypes:
+                raise BundleError(f"{bundle_dir}: the table is int8 in blocks, read by the LM head, but the decoder "
+                                  "takes it as an input; re-create the bundle")
         for name, array in self.decoder_inputs().items():
             if input_dtypes.get(name) != array.dtype:
                 raise BundleError(

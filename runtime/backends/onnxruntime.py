@@ -11,6 +11,7 @@ int8 table is the LM head's own initializer, read by ONNX Runtime from the same 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +43,20 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     return options
 
 
+INT8_HEAD_MIN_VERSION = (1, 23)  # 8-bit MatMulNBits on x86-64 and ARM64
+
+
+def check_int8_head_support(manifest: Manifest) -> None:
+    """An int8 table in blocks is read by an 8-bit MatMulNBits LM head, which older ONNX Runtimes cannot run."""
+    installed = tuple(int(part) for part in re.findall(r"\d+", ort.__version__)[:2])
+    if manifest.embedding.block_size and installed < INT8_HEAD_MIN_VERSION:
+        need = ".".join(map(str, INT8_HEAD_MIN_VERSION))
+        raise BackendUnavailableError(
+            f"this {manifest.precision} bundle's LM head is an 8-bit MatMulNBits, which needs onnxruntime >= {need} "
+            f"(installed: {ort.__version__}); upgrade onnxruntime (or onnxruntime-gpu)"
+        )
+
+
 class OnnxRuntimeBackend:
     name = "onnxruntime"
     device = "cpu"  # where the cache, the table and the decoder's other inputs live
@@ -50,6 +65,7 @@ class OnnxRuntimeBackend:
         self.manifest = manifest
         self.decoder_spec = manifest.decoder
         self._bundle_dir = Path(bundle_dir)
+        check_int8_head_support(manifest)
         options = session_options(threads)
         providers = self.providers()
         # The decoder first: its load peak (ONNX Runtime reads each weight, then pre-packs a copy) is the larger
