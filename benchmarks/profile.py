@@ -5,8 +5,9 @@
 Generates a caption with the decoder session re-created with profiling on, then splits the
 profile by decoder run: the first is the prefill, the rest are decode steps. Prints, for the
 median decode step, the time per operator type and the slowest nodes with the bytes of the
-weights they read and the rate at which they read them, where the profiler lists those inputs (the
-LM head's table always; weights pre-packed at load, such as the int8 and int4 layers', not).
+weights they read and the rate at which they read them: for the LM head always (a float table is
+an input the profiler lists; an int8 table's bytes are its files'), for other nodes where the
+profiler lists those inputs (weights pre-packed at load, such as the int8 and int4 layers', not).
 """
 
 from __future__ import annotations

@@ -170,7 +170,7 @@ class _Quantizer:
         np.save(self.staging / embedding.TABLE_FILE, table)
         return EmbeddingSpec(embedding.TABLE_FILE, str(table.dtype), spec.shape), {"embedding": table}
 
-    def graph(self, name: str, spec: GraphSpec, feeds: list[dict], lm_head_int8: bool) -> GraphSpec:
+    def graph(self, name: str, spec: GraphSpec, feeds: list[dict]) -> GraphSpec:
         model = onnx.load(str(self.source / spec.file))
         options = self.options
         exclude: list[str] = []
@@ -200,7 +200,8 @@ class _Quantizer:
             model = fp16.convert(model, keep_io=self._fp32_io(model), node_block_list=blocked)
             params["activations"] = "fp16"
         params["target"] = options.target
-        if lm_head_int8:  # after the layers are quantized: the new head reads the table written beside the graph
+        if name == "decoder" and self.table_dtype == "int8":
+            # after the layers are quantized: the new head reads the table embedding() wrote beside the graph
             head = embedding.blocked_int8_lm_head(model, self.staging, head_name=exclude[0])
         if head:
             params["lm_head"] = head
@@ -261,14 +262,13 @@ def quantize_bundle(source: str | Path, output: str | Path, options: QuantizeOpt
         recorded = run.calibration_set() if needs_feeds else calibration.CalibrationSet()
         step(f"writing the tied embedding as {run.table_dtype}")
         embedding_spec, constants = run.embedding()
-        lm_head_int8 = embedding_spec.block_size > 0
         step(f"quantizing vision graph to {options.precision}")
-        vision = run.graph("vision", manifest.vision_graph, recorded.vision, lm_head_int8=False)
+        vision = run.graph("vision", manifest.vision_graph, recorded.vision)
         step(f"quantizing decoder graph to {options.precision}")
         # Feeds for the source (fp32) decoder: ranges are measured there; static int8 calibrates the rewritten one.
         source_table = {"embedding": np.load(source / manifest.embedding.file, mmap_mode="r")}
         decoder_feeds = [feed | (source_table if options.precision == "fp16" else constants) for feed in recorded.decoder]
-        decoder = run.graph("decoder", manifest.decoder_graph, decoder_feeds, lm_head_int8=lm_head_int8)
+        decoder = run.graph("decoder", manifest.decoder_graph, decoder_feeds)
         for name in {manifest.tokenizer, *(m.file for m in [manifest.mask_decoder] if m)}:
             shutil.copyfile(source / name, staging / name)
         run.report["options"] = {
