@@ -154,7 +154,7 @@ def _cmd_build_engines(args) -> int:
 
     options = EngineOptions(
         flavour=args.backend, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
-        timing_cache=Path(args.timing_cache) if args.timing_cache else None,
+        timing_cache=Path(args.timing_cache) if args.timing_cache else None, decoder_profiles=args.decoder_profiles,
     )
     record = build_engines(args.bundle, options, progress=args.progress)
     print(f"{record.device}: {record.vision.file}, {record.decoder.file} ({record.build_seconds:.1f}s)")
@@ -422,6 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
     engines.add_argument("--max-batch", type=_positive_int, default=1)
     engines.add_argument("--max-seq-len", type=_positive_int, help="default: the bundle's max sequence")
     engines.add_argument("--timing-cache", metavar="FILE", help="reuse and update this TensorRT timing cache")
+    engines.add_argument("--decoder-profiles", type=int, choices=(1, 2),
+                         help="decoder optimization profiles: 2 (prefill and decode, each tuned; the default for "
+                              "tensorrt) or 1 spanning both (the default for tensorrt-rtx, which stores the "
+                              "float weights once per profile)")
     engines.set_defaults(handler=_cmd_build_engines)
 
     run = commands.add_parser("run", help="generate text for an image and prompt(s) from a bundle")

@@ -3,9 +3,12 @@
 One code path for NVIDIA TensorRT (``tensorrt``, JetPack and x86) and TensorRT for RTX
 (``tensorrt_rtx_bindings``, which also builds on a machine without a GPU); the flavours differ
 only in the module imported. Networks are strongly typed: the precision comes from the graph
-(fp32 graph -> fp32 engine, fp16 -> fp16, Q/DQ -> int8). The decoder gets one engine with two
-optimization profiles, prefill (prompt up to the max sequence, empty past) and decode (one token,
-past up to the max), so its weights are in memory once.
+(fp32 graph -> fp32 engine, fp16 -> fp16, Q/DQ -> int8). The decoder is one engine. With TensorRT
+it has two optimization profiles, prefill (prompt up to the max sequence, empty past) and decode
+(one token, past up to the max), each tuned for its own shapes. TensorRT for RTX stores the float
+weights once per profile (a two-profile fp16 engine is twice the size of a one-profile one) and
+specializes its kernels to the shapes it meets at run time, so there it gets one profile spanning
+both.
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ FLAVOURS = {
     "tensorrt-rtx": ("tensorrt_rtx_bindings", "pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings"),
 }
 
+# decoder optimization profiles per flavour: 2 = prefill and decode, 1 = one spanning both
+DEFAULT_DECODER_PROFILES = {"tensorrt": 2, "tensorrt-rtx": 1}
+
 Progress = Callable[[str], None]
 
 
@@ -42,12 +48,17 @@ class EngineOptions:
     max_batch: int = 1
     max_seq_len: int | None = None  # default: the bundle's
     timing_cache: Path | None = None
+    decoder_profiles: int | None = None  # default: the flavour's (DEFAULT_DECODER_PROFILES)
 
     def __post_init__(self):
         if self.flavour not in FLAVOURS:
             raise InputError(f"unknown TensorRT flavour '{self.flavour}'; choose from: {', '.join(FLAVOURS)}")
         if self.max_batch < 1 or (self.max_seq_len is not None and self.max_seq_len < 2):
             raise InputError("--max-batch must be >= 1 and --max-seq-len >= 2")
+        if self.decoder_profiles is None:
+            object.__setattr__(self, "decoder_profiles", DEFAULT_DECODER_PROFILES[self.flavour])
+        if self.decoder_profiles not in (1, 2):
+            raise InputError(f"--decoder-profiles must be 1 or 2, got {self.decoder_profiles}")
 
 
 def import_tensorrt(flavour: str):
@@ -94,22 +105,34 @@ class CollectingLogger:
 
         self.logger = Collecting()
 
+    def last(self, count: int = 2) -> str:
+        """The last ``count`` errors TensorRT logged, as one line."""
+        return "; ".join(self.errors[-count:]) or "no message"
+
 
 def _dims(spec: TensorSpec, sizes: dict[str, int]) -> tuple[int, ...]:
     return tuple(sizes[d] if isinstance(d, str) else d for d in spec.shape)
 
 
-def profiles_for(graph: GraphSpec, name: str, max_batch: int, max_seq_len: int) -> dict[str, dict[str, dict[str, list]]]:
-    """min/opt/max shapes of every input, per profile (prefill and decode for the decoder)."""
+def profiles_for(graph: GraphSpec, name: str, max_batch: int, max_seq_len: int,
+                 decoder_profiles: int = 2) -> dict[str, dict[str, dict[str, list]]]:
+    """min/opt/max shapes of every input, per profile.
+
+    The decoder gets prefill and decode profiles, or with ``decoder_profiles=1`` one profile
+    ("decoder") spanning both, tuned at decode's shapes.
+    """
+    half = max_seq_len // 2
     if name == "vision":
         ranges = {"vision": [{"batch": 1}, {"batch": 1}, {"batch": max_batch}]}
+    elif decoder_profiles == 1:
+        ranges = {"decoder": [dict(batch=1, seq=1, past=0, total=1), dict(batch=1, seq=1, past=half, total=half + 1),
+                              dict(batch=max_batch, seq=max_seq_len, past=max_seq_len - 1, total=max_seq_len)]}
     else:
         ranges = {
-            "prefill": [dict(batch=1, seq=1, past=0, total=1), dict(batch=1, seq=max_seq_len // 2, past=0,
-                        total=max_seq_len // 2), dict(batch=max_batch, seq=max_seq_len, past=0, total=max_seq_len)],
-            "decode": [dict(batch=1, seq=1, past=1, total=2), dict(batch=1, seq=1, past=max_seq_len // 2,
-                       total=max_seq_len // 2 + 1), dict(batch=max_batch, seq=1, past=max_seq_len - 1,
-                       total=max_seq_len)],
+            "prefill": [dict(batch=1, seq=1, past=0, total=1), dict(batch=1, seq=half, past=0, total=half),
+                        dict(batch=max_batch, seq=max_seq_len, past=0, total=max_seq_len)],
+            "decode": [dict(batch=1, seq=1, past=1, total=2), dict(batch=1, seq=1, past=half, total=half + 1),
+                       dict(batch=max_batch, seq=1, past=max_seq_len - 1, total=max_seq_len)],
         }
     return {
         profile: {t.name: {k: list(_dims(t, s)) for k, s in zip(("min", "opt", "max"), sizes)} for t in graph.inputs}
@@ -135,16 +158,17 @@ def _build_one(trt, bundle: Path, graph: GraphSpec, name: str, options: EngineOp
     # handing it to the next engine's builder crashed TensorRT for RTX (a segfault).
     cache = config.create_timing_cache(cache)
     config.set_timing_cache(cache, ignore_mismatch=False)
-    profiles = profiles_for(graph, name, options.max_batch, max_seq_len)
+    profiles = profiles_for(graph, name, options.max_batch, max_seq_len, options.decoder_profiles)
     for shapes in profiles.values():
         profile = builder.create_optimization_profile()
         for tensor, ranges in shapes.items():
             profile.set_shape(tensor, ranges["min"], ranges["opt"], ranges["max"])
         config.add_optimization_profile(profile)
-    step(f"building the {name} engine ({', '.join(profiles)} profile{'s' if len(profiles) > 1 else ''})")
+    layout = f"{', '.join(profiles)} profiles" if len(profiles) > 1 else f"{next(iter(profiles))} profile"
+    step(f"building the {name} engine ({layout})")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise EngineBuildError(f"TensorRT could not build {graph.file}: {'; '.join(collector.errors[-3:]) or 'no message'}")
+        raise EngineBuildError(f"TensorRT could not build {graph.file}: {collector.last(3)}")
     io = [network.get_input(i) for i in range(network.num_inputs)], [network.get_output(i) for i in range(network.num_outputs)]
     inputs, outputs = (tuple(TensorSpec(t.name, _DTYPES.get(t.dtype.name, t.dtype.name.lower()), tuple(t.shape))
                              for t in tensors) for tensors in io)

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from paligemma_edge import BundleError
-from paligemma_edge.runtime.engines import profiles_for, select_engines
+from paligemma_edge import BundleError, InputError
+from paligemma_edge.runtime.engines import EngineOptions, select_engines
 from paligemma_edge.runtime.manifest import read_manifest
 
 from .conftest import model_id, run_cli
@@ -24,7 +24,7 @@ needs_rtx = pytest.mark.skipif(
 
 @pytest.fixture()
 def bundle_copy(bundles, quantized, tmp_path, request):
-    model, variant = request.param
+    model, variant = request.param[:2]
     source = bundles[model] if variant == "fp32" else quantized[model, variant]
     target = tmp_path / "bundle"
     shutil.copytree(source, target)
@@ -32,14 +32,17 @@ def bundle_copy(bundles, quantized, tmp_path, request):
 
 
 @needs_rtx
-@pytest.mark.parametrize("bundle_copy", [((2, 28), "fp32"), ((2, 28), "fp16"), ((1, 28), "fp32"),
-                                         ((2, 28), "int8-trt"), ((2, 28), "int4-trt"), ((1, 28), "int4-trt")],
-                         indirect=True, ids=lambda p: f"{model_id(p[0])}-{p[1]}")
-def test_engines_build_and_match_the_manifest(bundle_copy, tmp_path):
+@pytest.mark.parametrize("bundle_copy", [((2, 28), "fp32", 2), ((2, 28), "fp16", 1), ((1, 28), "fp32", 1),
+                                         ((2, 28), "int8-trt", 2), ((2, 28), "int4-trt", 1), ((1, 28), "int4-trt", 2)],
+                         indirect=True, ids=lambda p: f"{model_id(p[0])}-{p[1]}-{p[2]}-profiles")
+def test_engines_build_and_match_the_manifest(bundle_copy, tmp_path, request):
+    profiles = request.node.callspec.params["bundle_copy"][2]
     cache = tmp_path / "timing.cache"
     result = run_cli("build-engines", str(bundle_copy), "--backend", "tensorrt-rtx", "--max-batch", "2",
-                     "--max-seq-len", "32", "--timing-cache", str(cache), check=True)
-    assert "building the decoder engine (prefill, decode profiles)" in result.stderr
+                     "--max-seq-len", "32", "--timing-cache", str(cache), "--decoder-profiles", str(profiles),
+                     check=True)
+    layout = "prefill, decode profiles" if profiles == 2 else "decoder profile"
+    assert f"building the decoder engine ({layout})" in result.stderr
     manifest = read_manifest(bundle_copy)  # checksums of the new engines included
     (tag, record), = manifest.engines.items()
     assert record.flavour == "tensorrt-rtx" and tag.startswith("tensorrt-rtx-") and record.max_seq_len == 32
@@ -48,12 +51,25 @@ def test_engines_build_and_match_the_manifest(bundle_copy, tmp_path):
         assert (bundle_copy / engine.file).stat().st_size > 0 and engine.file in manifest.files
         assert [(t.name, t.dtype) for t in engine.inputs] == [(t.name, t.dtype) for t in graph.inputs]
         assert [(t.name, t.dtype) for t in engine.outputs] == [(t.name, t.dtype) for t in graph.outputs]
-        assert engine.profiles == profiles_for(graph, name, 2, 32)
-    prefill, decode = record.decoder.profiles["prefill"], record.decoder.profiles["decode"]
-    assert prefill["past_key_0"]["max"][2] == 0 and prefill["inputs_embeds"]["max"][:2] == [2, 32]
-    assert decode["inputs_embeds"]["max"][1] == 1 and decode["past_key_0"]["max"][2] == 31
+    assert list(record.decoder.profiles) == (["prefill", "decode"] if profiles == 2 else ["decoder"])
+    assert record.vision.profiles["vision"]["pixel_values"]["max"][0] == 2
+    if profiles == 2:
+        prefill, decode = record.decoder.profiles["prefill"], record.decoder.profiles["decode"]
+        assert prefill["past_key_0"]["max"][2] == 0 and prefill["inputs_embeds"]["max"][:2] == [2, 32]
+        assert decode["inputs_embeds"]["max"][1] == 1 and decode["past_key_0"]["max"][2] == 31
+    else:
+        (both,) = record.decoder.profiles.values()
+        assert both["past_key_0"]["min"][2] == 0 and both["past_key_0"]["max"][2] == 31
+        assert both["inputs_embeds"]["max"][:2] == [2, 32] and both["inputs_embeds"]["opt"][1] == 1
+        assert both["attention_mask"]["min"] == [1, 1, 1, 1] and both["attention_mask"]["max"] == [2, 1, 32, 32]
     assert cache.stat().st_size > 0
     assert select_engines(manifest, tag) == record
+
+
+def test_decoder_profiles_default_by_flavour_and_are_checked():
+    assert EngineOptions("tensorrt").decoder_profiles == 2 and EngineOptions("tensorrt-rtx").decoder_profiles == 1
+    with pytest.raises(InputError, match="--decoder-profiles must be 1 or 2"):
+        EngineOptions("tensorrt", decoder_profiles=3)
 
 
 @needs_rtx

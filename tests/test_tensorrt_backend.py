@@ -2,8 +2,11 @@
 
 Running engines needs an NVIDIA GPU: those tests skip here and say so. What a CPU-only machine
 can check is checked: the refusals a user meets without a GPU, without the packages, or with
-engines built elsewhere; the buffer sizes; and that every TensorRT call the backend makes exists
-in the installed TensorRT bindings.
+engines built elsewhere; the buffer sizes; that every TensorRT call the backend makes exists in
+the installed TensorRT bindings; and the backend's whole generation loop on engines built for
+real by TensorRT for RTX, with TensorRT's execution and CUDA memory played on the CPU
+(tests/tensorrt_emulation.py): which buffer each tensor is bound to, the shapes declared per
+profile, the KV-cache banks, what crosses between host and device, and the tokens that result.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import shutil
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import paligemma_edge
 from paligemma_edge.runtime.backends import tensorrt as trt_backend
@@ -22,7 +26,8 @@ from paligemma_edge.runtime.engines import gpu_description, profiles_for
 from paligemma_edge.runtime.manifest import EngineSpec, read_manifest
 from paligemma_edge.runtime.sampling import GenerationOptions
 
-from .conftest import run_cli
+from .conftest import model_id, run_cli
+from .tensorrt_emulation import EmulatedTensorRT, EmulationError
 
 PROMPTS = ["caption en", "answer en what is the quick brown fox doing on the table today", "ocr"]
 
@@ -45,10 +50,11 @@ def with_engines(bundles, tmp_path):
     return bundle
 
 
-def test_max_shapes_cover_both_decoder_profiles(bundles):
+@pytest.mark.parametrize("profiles", [1, 2])
+def test_max_shapes_cover_prefill_and_decode(bundles, profiles):
     manifest = read_manifest(bundles[(2, 28)])
     record = EngineSpec("d.engine", "decoder", manifest.decoder_graph.inputs, manifest.decoder_graph.outputs,
-                                    profiles_for(manifest.decoder_graph, "decoder", 2, 48))
+                        profiles_for(manifest.decoder_graph, "decoder", 2, 48, profiles))
     shapes = trt_backend.max_shapes(record)
     spec = manifest.decoder
     assert shapes["inputs_embeds"] == (2, 48, spec.hidden_size)  # prefill's sequence
@@ -80,6 +86,117 @@ def test_missing_tensorrt_names_what_to_install(bundles, images):
     assert result.returncode == 2 and "tensorrt is not installed" in result.stderr and "JetPack" in result.stderr
 
 
+@pytest.fixture()
+def emulated(bundles, tmp_path, monkeypatch, request):
+    """A bundle with real TensorRT for RTX engines (max batch 3, max sequence 48), run by the emulation."""
+    import tensorrt_rtx_bindings
+
+    model, variant, profiles = request.param
+    bundle = tmp_path / "bundle"
+    source = bundles[model] if variant == "fp32" else request.getfixturevalue("quantized")[model, variant]
+    shutil.copytree(source, bundle)
+    run_cli("build-engines", str(bundle), "--backend", "tensorrt-rtx", "--max-batch", "3", "--max-seq-len", "48",
+            "--decoder-profiles", str(profiles), check=True)
+    emulation = EmulatedTensorRT(bundle, tensorrt_rtx_bindings.__version__)
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda flavour: emulation)
+    monkeypatch.setattr(trt_backend, "Cuda", emulation.Cuda)
+    return bundle, emulation
+
+
+def _touched_allocations(device, transfers) -> set[int]:
+    return {device.allocation(address) for address, _ in transfers}
+
+
+@needs_rtx
+@pytest.mark.parametrize("emulated", [((2, 28), "fp32", 2), ((1, 28), "fp32", 1), ((2, 28), "int4-trt", 1)],
+                         indirect=True, ids=lambda p: f"{model_id(p[0])}-{p[1]}-{p[2]}-profiles")
+def test_backend_loop_on_emulated_engines_matches_onnxruntime(emulated, images):
+    bundle, emulation = emulated
+    options = GenerationOptions(max_new_tokens=64)  # past the engines' 48 positions
+    pictures = [*images, Image.open(images[0]).transpose(Image.Transpose.FLIP_LEFT_RIGHT)]  # 4 different ones
+    with paligemma_edge.load(bundle) as model:
+        reference = model.generate_batch([images[0]], PROMPTS, options)
+        pixels = model.encode_images(pictures)
+    with paligemma_edge.load(bundle, backend="tensorrt-rtx") as model:
+        device, engines, manifest = emulation.device, model.backend, model.manifest
+        banks = {address for bank in engines._banks for address in bank.values()}
+        allocations = device.mallocs
+        device.uploads.clear()
+        device.downloads.clear()
+        ours = model.generate_batch([images[0]], PROMPTS, options)
+        assert device.mallocs == allocations  # every buffer was allocated at load
+        assert not banks & _touched_allocations(device, device.uploads + device.downloads)  # the cache stays put
+        image_bytes = (manifest.image.num_tokens * manifest.decoder.hidden_size
+                       * engines.vision.dtypes["image_embeds"].itemsize)
+        logits_bytes = len(PROMPTS) * manifest.embedding.shape[0] * engines.decoder.dtypes["logits"].itemsize
+        steps = max(len(g.token_ids) + (g.finish_reason == "eos") for g in ours)  # one decoder run per step
+        assert [n for _, n in device.downloads] == [image_bytes] + [logits_bytes] * steps  # nothing else comes back
+        model.feature_cache.clear()
+        device.downloads.clear()
+        assert np.array_equal(model.encode_images(pictures), pixels)
+        assert [n for _, n in device.downloads] == [3 * image_bytes, image_bytes]  # max batch 3
+    for mine, theirs in zip(ours, reference):
+        assert mine.token_ids == theirs.token_ids[:len(mine.token_ids)]
+        assert mine.finish_reason == theirs.finish_reason or mine.finish_reason == "max_seq_len"
+    assert any(g.finish_reason == "max_seq_len" for g in ours)  # generation stopped at the engines' limit
+
+
+def _step_inputs(manifest, past: int, seq: int, rng):
+    """Random embeddings, all-visible masks and positions for ``seq`` new positions after ``past``."""
+    masks = {t.name: np.ones((1, 1, seq, past + seq), bool) for t in manifest.decoder_graph.inputs if "mask" in t.name}
+    embeds = rng.standard_normal((1, seq, manifest.decoder.hidden_size)).astype(np.float32)
+    return embeds, masks, np.arange(past, past + seq)[None]
+
+
+@needs_rtx
+@pytest.mark.parametrize("emulated", [((2, 28), "fp32", 2), ((1, 28), "fp32", 1)], indirect=True,
+                         ids=lambda p: f"{model_id(p[0])}-{p[1]}-{p[2]}-profiles")
+def test_emulated_steps_reach_each_profiles_max_and_stop_past_it(emulated):
+    bundle, _ = emulated
+    rng = np.random.default_rng(3)
+    with paligemma_edge.load(bundle) as reference, paligemma_edge.load(bundle, backend="tensorrt-rtx") as model:
+        manifest = model.manifest
+        # a full-length prompt (prefill's max), then the last position after a prompt of 47 (decode's max past)
+        for steps in ([(0, 48)], [(0, 47), (47, 1)]):
+            caches = reference.backend.new_cache(1), model.backend.new_cache(1)
+            for past, seq in steps:
+                inputs = _step_inputs(manifest, past, seq, rng)
+                expected = reference.backend.step(*inputs, caches[0])
+                np.testing.assert_allclose(model.backend.step(*inputs, caches[1]), expected, rtol=1e-5, atol=1e-5)
+        with pytest.raises(paligemma_edge.InputError, match="49 positions exceed the engines' max sequence 48"):
+            model.backend.step(*_step_inputs(manifest, 48, 1, rng), caches[1])
+
+
+@needs_rtx
+@pytest.mark.parametrize("emulated", [((2, 28), "fp32", 2)], indirect=True, ids=["pg2-28px-fp32-2-profiles"])
+def test_emulated_engines_batches_up_to_the_build(emulated, images):
+    bundle, _ = emulated
+    options = GenerationOptions(max_new_tokens=4)
+    with paligemma_edge.load(bundle) as model:
+        reference = [g.token_ids for g in model.generate_batch([images[1]], PROMPTS[:2], options)]
+    with paligemma_edge.load(bundle, backend="tensorrt-rtx") as model:
+        with pytest.raises(paligemma_edge.InputError, match="a batch of 4 exceeds the engines' max batch 3"):
+            model.generate_batch([images[0]], PROMPTS + ["caption en"], options)
+        assert [g.token_ids for g in model.generate_batch([images[1]], PROMPTS[:2], options)] == reference
+
+
+@needs_rtx
+@pytest.mark.parametrize("emulated", [((2, 28), "fp32", 2)], indirect=True, ids=["pg2-28px-fp32-2-profiles"])
+def test_the_emulation_catches_what_a_gpu_would_not_report(emulated, images):
+    """A shared KV bank (present written over past) and a decode run in the prefill context."""
+    bundle, _ = emulated
+    with paligemma_edge.load(bundle, backend="tensorrt-rtx") as model:
+        banks = model.backend._banks
+        banks[1] = banks[0]
+        with pytest.raises(EmulationError, match="output present_key_0 overlaps input past_key_0"):
+            model.generate_batch([images[0]], PROMPTS[:1], GenerationOptions(max_new_tokens=3))
+    with paligemma_edge.load(bundle, backend="tensorrt-rtx") as model:
+        contexts = model.backend._phase_contexts
+        contexts["decode"] = contexts["prefill"]
+        with pytest.raises(paligemma_edge.BundleError, match="does not take past_key_0 of shape .* outside profile 0"):
+            model.generate_batch([images[0]], PROMPTS[:1], GenerationOptions(max_new_tokens=3))
+
+
 @pytest.mark.parametrize("backend, provider", [("onnxruntime-cuda", "CUDAExecutionProvider"),
                                                ("onnxruntime-tensorrt", "TensorrtExecutionProvider")])
 def test_onnxruntime_gpu_providers_missing_say_what_to_install(bundles, images, backend, provider):
@@ -109,12 +226,13 @@ def test_every_tensorrt_call_exists_in_the_bindings():
 
 
 @needs_gpu
-@pytest.mark.parametrize("variant", ["fp32", "int8-trt", "int4-trt"])
-def test_engines_generate_what_onnxruntime_generates(bundles, quantized, images, tmp_path, variant):
+@pytest.mark.parametrize("variant, profiles", [("fp32", 2), ("fp32", 1), ("int8-trt", 2), ("int4-trt", 1)])
+def test_engines_generate_what_onnxruntime_generates(bundles, quantized, images, tmp_path, variant, profiles):
     source = bundles[(2, 28)] if variant == "fp32" else quantized[(2, 28), variant]
     bundle = tmp_path / "bundle"
     shutil.copytree(source, bundle)
-    run_cli("build-engines", str(bundle), "--backend", FLAVOUR, "--max-batch", "3", check=True)
+    run_cli("build-engines", str(bundle), "--backend", FLAVOUR, "--max-batch", "3", "--decoder-profiles", str(profiles),
+            check=True)
     options = GenerationOptions(max_new_tokens=12)
     with paligemma_edge.load(bundle) as model:
         reference = [r.token_ids for r in model.generate_batch([images[0]], PROMPTS, options)]

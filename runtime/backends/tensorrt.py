@@ -6,8 +6,8 @@ for the engines' max batch and sequence, so a step allocates nothing. The KV cac
 the GPU: the decoder's present key/values of step n are written into the second of two banks
 and bound as the past of step n+1 (the graph appends new positions to the past, so one bank
 cannot be both). Per step only the new tokens' embeddings, positions and masks go up and the
-last position's logits come back. The decoder runs in two execution contexts, one per
-optimization profile (prefill: a prompt on an empty past; decode: one token on a past).
+last position's logits come back. A decoder engine with prefill and decode optimization profiles
+runs in two execution contexts, one per profile; one with a single profile in one context.
 
 No CUDA graph is captured: the past grows by one position every step, so no two decode steps have
 the same shapes; a decoder graph over a fixed-size cache would allow it. Memory goes through
@@ -57,7 +57,7 @@ class _Engine:
             raise BundleError(f"{path}: cannot read the engine ({exc.strerror}); run build-engines again") from None
         self.engine = runtime.deserialize_cuda_engine(data)
         if self.engine is None:
-            raise BundleError(f"{path}: TensorRT cannot load the engine ({'; '.join(logger.errors[-2:]) or 'no message'}); "
+            raise BundleError(f"{path}: TensorRT cannot load the engine ({logger.last()}); "
                               "rebuild it with 'paligemma-edge build-engines' on this device")
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.dtypes = {name: np.dtype(trt.nptype(self.engine.get_tensor_dtype(name))) for name in names}
@@ -67,8 +67,9 @@ class _Engine:
         self.contexts = {}
         for index, profile in enumerate(spec.profiles):
             context = self.engine.create_execution_context()
-            if len(spec.profiles) > 1:
-                context.set_optimization_profile_async(index, cuda.stream_handle)
+            if len(spec.profiles) > 1 and not context.set_optimization_profile_async(index, cuda.stream_handle):
+                raise BundleError(f"{path}: TensorRT cannot select optimization profile {index} ({profile}): "
+                                  f"{logger.last()}; rebuild the engines")
             self.contexts[profile] = context
 
 
@@ -110,6 +111,9 @@ class TensorRTBackend:
         # two banks of the whole cache, each at [max batch, kv heads, max sequence, head dim]
         kv_shape = (self.max_batch, manifest.decoder.num_kv_heads, self.max_seq_len, manifest.decoder.head_dim)
         self._banks = [{past: self._malloc(past, kv_shape) for past in pasts} for _ in range(2)]
+        contexts = self.decoder.contexts
+        self._phase_contexts = {phase: contexts.get(phase, next(iter(contexts.values())))
+                                for phase in ("prefill", "decode")}  # a one-profile engine: one context for both
         self._logits_name = record.decoder.outputs[0].name
         vocab = record.decoder.outputs[0].shape[-1]
         self._logits_shape = (self.max_batch, vocab if isinstance(vocab, int) else manifest.embedding.shape[0])
@@ -118,8 +122,7 @@ class TensorRTBackend:
             self._buffers[name] = self._malloc(name, array.shape)
             self.cuda.upload(self._buffers[name], array)
             for context in self.decoder.contexts.values():
-                context.set_input_shape(name, array.shape)
-                context.set_tensor_address(name, self._buffers[name])
+                self._bind(context, name, array.shape, self._buffers[name])
         self.cuda.synchronize()
         self._owner: TensorRTCache | None = None
 
@@ -134,9 +137,8 @@ class TensorRTBackend:
         for start in range(0, len(pixel_values), self.max_batch):
             pixels = pixel_values[start:start + self.max_batch].astype(self.vision.dtypes[name_in], copy=False)
             self.cuda.upload(self._buffers[name_in], pixels)
-            context.set_input_shape(name_in, pixels.shape)
-            context.set_tensor_address(name_in, self._buffers[name_in])
-            context.set_tensor_address(name_out, self._buffers[name_out])
+            self._bind(context, name_in, pixels.shape, self._buffers[name_in])
+            self._bind(context, name_out, None, self._buffers[name_out])
             self._execute(context, "vision")
             out = np.empty((len(pixels), *self._vision_out_shape[1:]), dtype=self.vision.dtypes[name_out])
             chunks.append(self.cuda.download(out, self._buffers[name_out]).astype(np.float32, copy=False))
@@ -162,29 +164,35 @@ class TensorRTBackend:
                              "rebuild with 'paligemma-edge build-engines --max-seq-len N'")
         if past and seq != 1:
             raise InputError("after the prompt the decoder takes one token per step")
-        context = self.decoder.contexts["decode" if past else "prefill"]
+        context = self._phase_contexts["decode" if past else "prefill"]
         feeds = {"inputs_embeds": inputs_embeds, "position_ids": position_ids, **masks}
         for name, array in feeds.items():
             array = np.ascontiguousarray(array, dtype=self.decoder.dtypes[name])
             self.cuda.upload(self._buffers[name], array)
-            context.set_input_shape(name, array.shape)
-            context.set_tensor_address(name, self._buffers[name])
+            self._bind(context, name, array.shape, self._buffers[name])
         spec = self.decoder_spec
         source, target = self._banks[cache.bank], self._banks[1 - cache.bank]
         for past_name, present_name in self._routes:
-            context.set_input_shape(past_name, (rows, spec.num_kv_heads, past, spec.head_dim))
-            context.set_tensor_address(past_name, source[past_name])
-            context.set_tensor_address(present_name, target[past_name])
-        context.set_tensor_address(self._logits_name, self._buffers[self._logits_name])
+            self._bind(context, past_name, (rows, spec.num_kv_heads, past, spec.head_dim), source[past_name])
+            self._bind(context, present_name, None, target[past_name])
+        self._bind(context, self._logits_name, None, self._buffers[self._logits_name])
         self._execute(context, "decoder")
         logits = np.empty((rows, self._logits_shape[1]), dtype=self.decoder.dtypes[self._logits_name])
         self.cuda.download(logits, self._buffers[self._logits_name])
         cache.length, cache.bank = total, 1 - cache.bank
         return logits.astype(np.float32, copy=False)
 
+    def _bind(self, context, name: str, shape: tuple[int, ...] | None, address: int) -> None:
+        """Where a tensor lies, and for an input its shape this step (TensorRT refuses one outside the profile)."""
+        if shape is not None and not context.set_input_shape(name, tuple(shape)):
+            raise BundleError(f"the engine does not take {name} of shape {tuple(shape)}: "
+                              f"{self._logger.last()}")
+        if not context.set_tensor_address(name, address):
+            raise BundleError(f"TensorRT refused the address of {name}: {self._logger.last()}")
+
     def _execute(self, context, what: str) -> None:
         if not context.execute_async_v3(self.cuda.stream_handle):
-            raise CudaError(f"TensorRT could not run the {what} engine: {'; '.join(self._logger.errors[-2:]) or 'no message'}")
+            raise CudaError(f"TensorRT could not run the {what} engine: {self._logger.last()}")
 
     def close(self) -> None:
         self.vision = self.decoder = None

@@ -1,0 +1,223 @@
+"""A CPU stand-in for TensorRT's runtime and CUDA memory, to check the TensorRT backend's bookkeeping.
+
+Running an engine needs a GPU. What the backend itself decides (which buffer each tensor is bound
+to, the shapes it declares per optimization profile, the two KV-cache banks, what crosses between
+host and device) can be checked without one: this module plays TensorRT's part the way TensorRT
+documents it and the CUDA runtime's part with host memory.
+
+- :class:`EmulatedCuda` replaces ``runtime.cuda.Cuda``: allocations are host byte arrays at made-up
+  addresses; every allocation and copy is counted.
+- :class:`EmulatedTensorRT` replaces the ``tensorrt`` module. ``deserialize_cuda_engine`` accepts
+  only the engine files a bundle's manifest records (built for real by TensorRT for RTX) and runs
+  each with ONNX Runtime on its source graph. An execution context holds its profile, the input
+  shapes and the tensor addresses set on it, as TensorRT's does; ``set_input_shape`` refuses a
+  shape outside the profile's min..max (False, as TensorRT returns); ``execute_async_v3`` reads the
+  inputs at their addresses with the declared shapes, writes the outputs at theirs, and fails on an
+  input without a shape or address, on a tensor that does not fit the allocation it points into,
+  or on an output that overlaps an input or another output (on a GPU, silent corruption).
+
+Not modelled: the numbers are ONNX Runtime's, not TensorRT's (only the GPU tests measure engine
+numerics); copies and execution are synchronous, so a missing stream synchronization cannot show;
+the profiles and tensor types are the manifest's record of the engine, so a manifest that
+disagrees with its engine goes unnoticed here (test_engines checks the record against the
+network TensorRT parsed).
+"""
+
+from __future__ import annotations
+
+import bisect
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from paligemma_edge.runtime.manifest import EngineSpec, read_manifest
+
+
+class EmulationError(AssertionError):
+    """The backend did something a real GPU run would go wrong on."""
+
+
+class EmulatedCuda:
+    """Device memory as host byte arrays; counts allocations and the bytes copied each way."""
+
+    stream_handle = 1
+
+    def __init__(self):
+        self._starts: list[int] = []
+        self._memory: dict[int, np.ndarray] = {}
+        self._next = 1 << 20
+        self.mallocs = 0
+        self.uploads: list[tuple[int, int]] = []  # (address, bytes)
+        self.downloads: list[tuple[int, int]] = []
+
+    def malloc(self, nbytes: int) -> int:
+        address = self._next
+        self._memory[address] = np.zeros(max(1, nbytes), np.uint8)
+        bisect.insort(self._starts, address)
+        self._next += max(1, nbytes) + 4096
+        self.mallocs += 1
+        return address
+
+    def allocation(self, address: int) -> int:
+        """The start of the allocation that holds ``address``."""
+        index = bisect.bisect_right(self._starts, address) - 1
+        if index < 0 or address >= self._starts[index] + self._memory[self._starts[index]].nbytes:
+            raise EmulationError(f"address {address:#x} is not in any allocation")
+        return self._starts[index]
+
+    def region(self, address: int, nbytes: int) -> np.ndarray:
+        """The bytes [address, address + nbytes), which must lie inside one allocation."""
+        start = self.allocation(address)
+        block = self._memory[start]
+        offset = address - start
+        if offset + nbytes > block.nbytes:
+            raise EmulationError(f"{nbytes} bytes at {address:#x} overrun its {block.nbytes}-byte allocation")
+        return block[offset:offset + nbytes]
+
+    def upload(self, pointer: int, array: np.ndarray) -> None:
+        array = np.ascontiguousarray(array)
+        self.region(pointer, array.nbytes)[:] = array.reshape(-1).view(np.uint8)
+        self.uploads.append((pointer, array.nbytes))
+
+    def download(self, array: np.ndarray, pointer: int) -> np.ndarray:
+        array.reshape(-1).view(np.uint8)[:] = self.region(pointer, array.nbytes)
+        self.downloads.append((pointer, array.nbytes))
+        return array
+
+    def synchronize(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self._memory.clear()
+        self._starts.clear()
+
+
+class _Severity:
+    ERROR = 1
+
+
+class _ILogger:
+    Severity = _Severity
+
+    def __init__(self):
+        pass
+
+
+class _Context:
+    def __init__(self, engine: "_EmulatedEngine"):
+        self.engine = engine
+        self.profile = 0
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.addresses: dict[str, int] = {}
+
+    def set_optimization_profile_async(self, index: int, stream: int) -> bool:
+        if not 0 <= index < len(self.engine.profiles):
+            return False
+        self.profile, self.shapes = index, {}
+        return True
+
+    def set_input_shape(self, name: str, shape) -> bool:
+        ranges = self.engine.profiles[self.profile].get(name)
+        shape = tuple(int(d) for d in shape)
+        if ranges is None or len(shape) != len(ranges["min"]) or not all(
+                low <= d <= high for low, d, high in zip(ranges["min"], shape, ranges["max"])):
+            self.engine.logger.log(_Severity.ERROR, f"set_input_shape: {name} {shape} outside profile "
+                                   f"{self.profile} ({ranges})")
+            return False
+        self.shapes[name] = shape
+        return True
+
+    def set_tensor_address(self, name: str, address: int) -> bool:
+        if name not in self.engine.dtypes:
+            return False
+        self.addresses[name] = int(address)
+        return True
+
+    def execute_async_v3(self, stream: int) -> bool:
+        engine, cuda = self.engine, self.engine.cuda
+        feeds = {}
+        for name in engine.input_names:
+            if name not in self.shapes or name not in self.addresses:
+                missing = "a shape" if name not in self.shapes else "an address"
+                raise EmulationError(f"{name}: executed without {missing}")
+            dtype, shape = engine.dtypes[name], self.shapes[name]
+            nbytes = int(np.prod(shape)) * dtype.itemsize
+            feeds[name] = cuda.region(self.addresses[name], nbytes).view(dtype).reshape(shape).copy()
+        outputs = engine.session.run(engine.output_names, feeds)
+        used = [(self.addresses[name], feed.nbytes, f"input {name}") for name, feed in feeds.items()]
+        for name, value in zip(engine.output_names, outputs):
+            if name not in self.addresses:
+                raise EmulationError(f"{name}: executed without an address for this output")
+            value = np.ascontiguousarray(value, dtype=engine.dtypes[name])
+            start = self.addresses[name]
+            target = cuda.region(start, value.nbytes)
+            for other, nbytes, what in used:  # the engine reads inputs while it writes outputs
+                if nbytes and value.nbytes and start < other + nbytes and other < start + value.nbytes:
+                    raise EmulationError(f"output {name} overlaps {what} in device memory")
+            target[:] = value.reshape(-1).view(np.uint8)
+            used.append((start, value.nbytes, f"output {name}"))
+        return True
+
+
+class _EmulatedEngine:
+    def __init__(self, graph: Path, spec: EngineSpec, logger, cuda: EmulatedCuda):
+        self.session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+        self.input_names = [t.name for t in spec.inputs]
+        self.output_names = [t.name for t in spec.outputs]
+        self.dtypes = {t.name: np.dtype(t.dtype) for t in (*spec.inputs, *spec.outputs)}
+        self.profiles = list(spec.profiles.values())
+        self.logger = logger
+        self.cuda = cuda
+
+    @property
+    def num_io_tensors(self) -> int:
+        return len(self.dtypes)
+
+    def get_tensor_name(self, index: int) -> str:
+        return [*self.input_names, *self.output_names][index]
+
+    def get_tensor_dtype(self, name: str) -> np.dtype:
+        return self.dtypes[name]
+
+    def create_execution_context(self) -> _Context:
+        return _Context(self)
+
+
+class EmulatedTensorRT:
+    """Stands in for the ``tensorrt`` module, knowing the engines of one bundle.
+
+    :meth:`Cuda` stands in for ``runtime.cuda.Cuda``; the engines run on the memory it made last.
+    """
+
+    ILogger = _ILogger
+
+    def __init__(self, bundle: Path, version: str):
+        self.__version__ = version
+        self.device: EmulatedCuda | None = None
+        manifest = read_manifest(bundle)
+        self._engines: dict[bytes, tuple[Path, EngineSpec]] = {}
+        for record in manifest.engines.values():
+            for spec, graph in ((record.vision, manifest.vision_graph), (record.decoder, manifest.decoder_graph)):
+                self._engines[(bundle / spec.file).read_bytes()] = (bundle / graph.file, spec)
+
+    def Cuda(self) -> EmulatedCuda:  # noqa: N802 (the class it replaces)
+        self.device = EmulatedCuda()
+        return self.device
+
+    @staticmethod
+    def nptype(dtype: np.dtype):
+        return np.dtype(dtype).type
+
+    def Runtime(self, logger):  # noqa: N802 (TensorRT's name)
+        engines, emulated = self._engines, self
+
+        class _Runtime:
+            def deserialize_cuda_engine(self, data: bytes):
+                if data not in engines:
+                    logger.log(_Severity.ERROR, "deserializeCudaEngine: not an engine of this bundle")
+                    return None
+                graph, spec = engines[data]
+                return _EmulatedEngine(graph, spec, logger, emulated.device)
+
+        return _Runtime()
