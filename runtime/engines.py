@@ -119,14 +119,15 @@ def profiles_for(graph: GraphSpec, name: str, max_batch: int, max_seq_len: int,
     """min/opt/max shapes of every input, per profile.
 
     The decoder gets prefill and decode profiles, or with ``decoder_profiles=1`` one profile
-    ("decoder") spanning both, tuned at decode's shapes.
+    ("prefill+decode") spanning both, tuned at decode's shapes.
     """
     half = max_seq_len // 2
     if name == "vision":
         ranges = {"vision": [{"batch": 1}, {"batch": 1}, {"batch": max_batch}]}
     elif decoder_profiles == 1:
-        ranges = {"decoder": [dict(batch=1, seq=1, past=0, total=1), dict(batch=1, seq=1, past=half, total=half + 1),
-                              dict(batch=max_batch, seq=max_seq_len, past=max_seq_len - 1, total=max_seq_len)]}
+        ranges = {"prefill+decode": [dict(batch=1, seq=1, past=0, total=1),
+                                     dict(batch=1, seq=1, past=half, total=half + 1),
+                                     dict(batch=max_batch, seq=max_seq_len, past=max_seq_len - 1, total=max_seq_len)]}
     else:
         ranges = {
             "prefill": [dict(batch=1, seq=1, past=0, total=1), dict(batch=1, seq=half, past=0, total=half),

@@ -41,7 +41,7 @@ def test_engines_build_and_match_the_manifest(bundle_copy, tmp_path, request):
     result = run_cli("build-engines", str(bundle_copy), "--backend", "tensorrt-rtx", "--max-batch", "2",
                      "--max-seq-len", "32", "--timing-cache", str(cache), "--decoder-profiles", str(profiles),
                      check=True)
-    layout = "prefill, decode profiles" if profiles == 2 else "decoder profile"
+    layout = "prefill, decode profiles" if profiles == 2 else "prefill+decode profile"
     assert f"building the decoder engine ({layout})" in result.stderr
     manifest = read_manifest(bundle_copy)  # checksums of the new engines included
     (tag, record), = manifest.engines.items()
@@ -51,7 +51,7 @@ def test_engines_build_and_match_the_manifest(bundle_copy, tmp_path, request):
         assert (bundle_copy / engine.file).stat().st_size > 0 and engine.file in manifest.files
         assert [(t.name, t.dtype) for t in engine.inputs] == [(t.name, t.dtype) for t in graph.inputs]
         assert [(t.name, t.dtype) for t in engine.outputs] == [(t.name, t.dtype) for t in graph.outputs]
-    assert list(record.decoder.profiles) == (["prefill", "decode"] if profiles == 2 else ["decoder"])
+    assert list(record.decoder.profiles) == (["prefill", "decode"] if profiles == 2 else ["prefill+decode"])
     assert record.vision.profiles["vision"]["pixel_values"]["max"][0] == 2
     if profiles == 2:
         prefill, decode = record.decoder.profiles["prefill"], record.decoder.profiles["decode"]
@@ -64,6 +64,8 @@ def test_engines_build_and_match_the_manifest(bundle_copy, tmp_path, request):
         assert both["attention_mask"]["min"] == [1, 1, 1, 1] and both["attention_mask"]["max"] == [2, 1, 32, 32]
     assert cache.stat().st_size > 0
     assert select_engines(manifest, tag) == record
+    summary = run_cli("inspect", str(bundle_copy), check=True).stdout
+    assert f"decoder_profiles {profiles} ({' / '.join(record.decoder.profiles)})" in summary
 
 
 def test_decoder_profiles_default_by_flavour_and_are_checked():
