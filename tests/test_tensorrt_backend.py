@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import inspect
+import json
 import shutil
 
 import numpy as np
@@ -21,6 +22,7 @@ import pytest
 from PIL import Image
 
 import paligemma_edge
+from paligemma_edge import cli
 from paligemma_edge.runtime.backends import tensorrt as trt_backend
 from paligemma_edge.runtime.engines import gpu_description, profiles_for
 from paligemma_edge.runtime.manifest import EngineSpec, read_manifest
@@ -93,7 +95,10 @@ def emulated(bundles, tmp_path, monkeypatch, request):
 
     model, variant, profiles = request.param
     bundle = tmp_path / "bundle"
-    source = bundles[model] if variant == "fp32" else request.getfixturevalue("quantized")[model, variant]
+    if variant == "segment":  # the fp32 bundle with a mask decoder
+        source = request.getfixturevalue("segment_bundle")
+    else:
+        source = bundles[model] if variant == "fp32" else request.getfixturevalue("quantized")[model, variant]
     shutil.copytree(source, bundle)
     run_cli("build-engines", str(bundle), "--backend", "tensorrt-rtx", "--max-batch", "3", "--max-seq-len", "48",
             "--decoder-profiles", str(profiles), check=True)
@@ -139,6 +144,22 @@ def test_backend_loop_on_emulated_engines_matches_onnxruntime(emulated, images):
         assert mine.token_ids == theirs.token_ids[:len(mine.token_ids)]
         assert mine.finish_reason == theirs.finish_reason or mine.finish_reason == "max_seq_len"
     assert any(g.finish_reason == "max_seq_len" for g in ours)  # generation stopped at the engines' limit
+
+
+@needs_rtx
+@pytest.mark.parametrize("emulated", [((1, 28), "segment", 2)], indirect=True, ids=["pg1-28px-segment-2-profiles"])
+def test_cli_tasks_on_emulated_engines_print_what_onnxruntime_prints(emulated, images, capsys):
+    bundle, _ = emulated
+    tasks = [["--task", "caption"], ["--task", "detect", "--objects", "circle ; square"],
+             ["--task", "segment", "--objects", "triangle"], ["--prompt", "ocr", "--prompt", "answer en what is it"]]
+    for task in tasks:
+        printed = []
+        for backend in ("onnxruntime", "tensorrt-rtx"):
+            assert cli.main(["run", str(bundle), "--backend", backend, "--image", str(images[1]), *task, "--json",
+                             "--max-new-tokens", "20"]) == 0
+            results = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+            printed.append([{k: v for k, v in result.items() if k != "timings"} for result in results])
+        assert printed[0] == printed[1] and len(printed[0]) == (2 if "--prompt" in task else 1)
 
 
 def _step_inputs(manifest, past: int, seq: int, rng):
