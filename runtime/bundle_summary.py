@@ -171,7 +171,8 @@ def inspect_bundle(bundle: str | Path) -> BundleSummary:
         tokenizer=m.tokenizer, files=files,
         total_bytes=sum(size for size in files.values() if size is not None) + (bundle / MANIFEST_NAME).stat().st_size,
         engines={tag: {"flavour": e.flavour, "tensorrt": e.tensorrt_version, "max_batch": e.max_batch,
-                       "max_seq_len": e.max_seq_len, "decoder_profiles": f"{len(e.decoder.profiles)} ({' / '.join(e.decoder.profiles)})",
+                       "max_seq_len": e.max_seq_len,
+                       "decoder_profiles": f"{len(e.decoder.profiles)} ({' / '.join(e.decoder.profiles)})",
                        "files": {s.file: _file_size(bundle, s.file) for s in (e.vision, e.decoder)}}
                  for tag, e in m.engines.items()},
         mask_decoder=asdict(m.mask_decoder) if m.mask_decoder else None,

@@ -7,8 +7,8 @@ only in the module imported. Networks are strongly typed: the precision comes fr
 it has two optimization profiles, prefill (prompt up to the max sequence, empty past) and decode
 (one token, past up to the max), each tuned for its own shapes. TensorRT for RTX stores the float
 weights once per profile (a two-profile fp16 engine is twice the size of a one-profile one) and
-specializes its kernels to the shapes it meets at run time, so there it gets one profile spanning
-both.
+can specialize its kernels to the shapes it meets at run time, so there it gets one profile
+spanning both.
 """
 
 from __future__ import annotations
