@@ -23,10 +23,11 @@ from ..runtime.preprocess import preprocess
 from .checkpoint import Checkpoint
 
 SAMPLE_PROMPT = "caption en"
-# Prompts whose ids must equal the processor's: spaces, punctuation, non-ASCII, loc tokens, digits.
+# Prompts whose ids must equal the processor's: spaces at either end and doubled, tabs, newlines,
+# punctuation, non-Latin scripts, emoji, loc tokens, digits, the empty prompt.
 TOKENIZER_PROMPTS = [
-    SAMPLE_PROMPT, "answer en what's in the  picture? ", "detect cat ; red car", "ocr",
-    "answer fr Ça coûte 12,50 €?", "segment <loc0010> dog", "describe ja 猫",
+    SAMPLE_PROMPT, "answer en what's in the  picture? ", " detect cat ; red car", "ocr", "",
+    "answer fr Ça coûte 12,50 €?", "segment <loc0010> dog", "describe ja 猫", "answer en a\tb\nc 🐈",
 ]
 
 

@@ -32,18 +32,30 @@ class PromptTokenizer:
             self._tokenizer = Tokenizer.from_file(str(tokenizer_path))
         except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
             raise BundleError(f"{tokenizer_path}: unreadable tokenizer ({exc})") from None
+        # transformers sets truncation and padding per call and uses neither for a prompt; a
+        # tokenizer.json may still carry them (a 512-token truncation would cut the image tokens).
+        self._tokenizer.no_truncation()
+        self._tokenizer.no_padding()
         self.tokens = manifest.tokens
         self.num_image_tokens = manifest.image.num_tokens
         self.max_seq_len = manifest.decoder.max_seq_len
+        image_token = self._tokenizer.id_to_token(self.tokens.image)
+        bos_token = self._tokenizer.id_to_token(self.tokens.bos)
+        if image_token is None or bos_token is None:
+            raise BundleError(f"{tokenizer_path}: has no token for the manifest's image or bos id; re-export")
+        self._prompt_start = image_token * self.num_image_tokens + bos_token
 
     def encode(self, prompt: str) -> list[int]:
-        """Token ids of one prompt, image placeholders included."""
+        """Token ids of one prompt, image placeholders included.
+
+        As PaliGemmaProcessor does: ``"<image>" x N + "<bos>" + prompt + "\n"`` tokenized as ONE
+        string with the tokenizer's special tokens, so a pre-tokenizer that prefixes the first
+        section (SentencePiece's dummy prefix) or a post-processor sees what it sees there."""
         if not isinstance(prompt, str):
             raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
-        text_ids = self._tokenizer.encode(prompt + "\n", add_special_tokens=False).ids
-        if self.tokens.image in text_ids:
+        ids = self._tokenizer.encode(self._prompt_start + prompt + "\n").ids
+        if ids.count(self.tokens.image) != self.num_image_tokens:
             raise InputError("a prompt cannot contain the image token; the image goes in --image")
-        ids = [self.tokens.image] * self.num_image_tokens + [self.tokens.bos] + text_ids
         if len(ids) >= self.max_seq_len:
             raise InputError(
                 f"prompt is {len(ids)} tokens ({self.num_image_tokens} of them image tokens) but the bundle's max "
