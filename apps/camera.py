@@ -71,6 +71,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..runtime.drawing import draw_results
 from ..runtime.errors import InputError, first_line
+from ..runtime.images import load_image
 from ..runtime.sampling import GenerationOptions
 
 VIDEO_CODECS = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".mkv": "mp4v", ".avi": "MJPG"}
@@ -424,10 +425,11 @@ class Pacer:
 
 
 def frame_to_picture(image: np.ndarray) -> Image.Image:
-    """An OpenCV frame (BGR, BGRA or gray) as an RGB PIL image."""
-    if image.ndim == 2 or image.shape[2] == 1:
-        return Image.fromarray(image.reshape(image.shape[:2]), "L").convert("RGB")
-    return Image.fromarray(np.ascontiguousarray(image[:, :, 2::-1]), "RGB")
+    """An OpenCV frame (BGR, BGRA or gray) as the RGB PIL image the model sees, through the runtime's
+    loader. Video frames are opaque: a BGRA frame's fourth channel (0 on some capture backends) is dropped."""
+    if image.ndim == 3 and image.shape[2] >= 3:
+        image = image[:, :, 2::-1]  # BGR(A) -> RGB
+    return load_image(image)
 
 
 def annotate_picture(picture: Image.Image, objects: Sequence, caption: str) -> Image.Image:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import io
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ from PIL import Image
 
 from ..runtime.errors import InputError, PaliGemmaEdgeError
 from ..runtime.model import PaliGemma, load
-from ..runtime.preprocess import to_rgb
+from ..runtime.images import ImageTooLargeError, load_image
 from ..runtime.sampling import GenerationOptions
 from ..runtime.tasks import LANGUAGES, TASKS, build_prompt
 from .metrics import ServerMetrics
@@ -76,22 +75,16 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Upload bytes -> RGB image; size is checked from the header, before any pixels are decoded."""
+    """Upload bytes -> the upright RGB image (the runtime's loader); size is checked from the header,
+    before any pixels are decoded."""
     if not data:
         raise HTTPProblem(422, "the image file is empty")
     try:
-        image = Image.open(io.BytesIO(data))
-        width, height = image.size
-        if width * height > max_pixels:
-            raise HTTPProblem(413, f"image is {width}x{height} pixels; this server accepts at most {max_pixels}")
-        image.load()
-    except HTTPProblem:
-        raise
-    except Image.DecompressionBombError:
-        raise HTTPProblem(413, f"image is too large to decode (over {max_pixels} pixels)") from None
-    except Exception:  # PIL raises many types for undecodable data
-        raise HTTPProblem(415, "the upload is not a supported image (PNG, JPEG, WebP, BMP, GIF, TIFF)") from None
-    return to_rgb(image)
+        return load_image(data, max_pixels=max_pixels, name="the upload")
+    except ImageTooLargeError as exc:
+        raise HTTPProblem(413, str(exc)) from None
+    except InputError as exc:
+        raise HTTPProblem(415, str(exc)) from None
 
 
 def resolve_prompt(prompt: str | None, task: str | None, lang: str | None, question: str | None,

@@ -19,7 +19,7 @@ from ..runtime.manifest import read_manifest
 from ..runtime.generate import decode_step, prefill
 from ..runtime.memory import peak_rss_mb, reset_peak_rss
 from ..runtime.model import PaliGemma, load
-from ..runtime.preprocess import load_image
+from ..runtime.images import load_image
 from ..runtime.sampling import GenerationOptions
 from .calibration import DEFAULT_PROMPTS, images_in
 

@@ -1,4 +1,4 @@
-"""Boxes, labels and mask overlays drawn on the original image (pillow)."""
+"""Boxes, labels and mask overlays drawn on the picture the model saw: upright, RGB (pillow)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,22 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .errors import InputError
+from .images import ImageInput, load_image
 from .parsing import Detection, Segmentation
 
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
 MASK_ALPHA = 110
 
 
-def draw_results(image: Image.Image, objects: Sequence[Detection | Segmentation]) -> Image.Image:
-    """A copy of ``image`` (same size) with each object's mask tinted, its box outlined and labelled."""
-    base = image.convert("RGBA")
+def draw_results(image: ImageInput, objects: Sequence[Detection | Segmentation]) -> Image.Image:
+    """A copy of the picture (upright and RGB, as the model saw it; same size) with each object's mask
+    tinted, its box outlined and labelled. ``image`` is anything the runtime loads (path, bytes, PIL, array)."""
+    base = load_image(image).convert("RGBA")
+    for item in objects:
+        if isinstance(item, Segmentation) and item.mask.shape != (base.height, base.width):
+            height, width = item.mask.shape
+            raise InputError(f"a mask of a {width}x{height} picture cannot be drawn on a {base.width}x{base.height} one")
     overlay = np.zeros((base.height, base.width, 4), dtype=np.uint8)
     for index, item in enumerate(objects):
         if isinstance(item, Segmentation):

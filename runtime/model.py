@@ -13,10 +13,11 @@ from .backends.base import create_backend
 from .errors import BundleError, InputError
 from .feature_cache import FeatureCache
 from .generate import generate_steps
+from .images import ImageInput, load_image
 from .manifest import Manifest, read_manifest, verify_files
 from .mask_decoder import MaskDecoder
 from .parsing import parse_detections, parse_segmentations
-from .preprocess import ImageInput, load_image, preprocess
+from .preprocess import preprocess
 from .prompt import PromptTokenizer
 from .results import DetectionResult, Generation, SegmentationResult, Timings, TokenChunk
 from .sampling import GenerationOptions

@@ -1,53 +1,20 @@
-"""Image loading and preprocessing, identical to the checkpoint's processor.
+"""Preprocessing, identical to the checkpoint's processor.
 
-RGB (transparency composited onto white), squash-resize to the model's input size with
-the processor's resample filter, rescale, normalize; channels first, float32.
+Pictures are loaded by :mod:`.images` (upright, RGB with transparency composited onto white);
+here they are squash-resized to the model's input size with the processor's resample filter,
+rescaled and normalized; channels first, float32.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Union
-
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from .errors import InputError
 from .manifest import ImageSpec
-
-ImageInput = Union[str, Path, Image.Image, np.ndarray]
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
-    if not has_alpha:
-        return image.convert("RGB")
-    rgba = image.convert("RGBA")
-    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(background, rgba).convert("RGB")
-
-
-def load_image(source: ImageInput) -> Image.Image:
-    """Open a path, or accept a PIL image or an HxWx3 uint8 array; returns an RGB PIL image."""
-    if isinstance(source, Image.Image):
-        return to_rgb(source)
-    if isinstance(source, np.ndarray):
-        if source.dtype != np.uint8 or source.ndim not in (2, 3):
-            raise InputError("image arrays must be uint8, HxW or HxWxC")
-        return to_rgb(Image.fromarray(source))
-    path = Path(source)
-    if not path.is_file():
-        raise InputError(f"{path}: no such image file")
-    try:
-        with Image.open(path) as opened:
-            opened.load()
-            return to_rgb(opened)
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
-        raise InputError(f"{path}: not a readable image ({exc})") from None
 
 
 def preprocess(images: list[Image.Image], spec: ImageSpec) -> np.ndarray:
-    """RGB PIL images -> pixel_values [batch, 3, height, width] float32."""
+    """RGB PIL images (as :func:`.images.load_image` returns them) -> pixel_values [batch, 3, height, width] float32."""
     mean = np.asarray(spec.mean, dtype=np.float32)
     std = np.asarray(spec.std, dtype=np.float32)
     batch = []

@@ -8,7 +8,8 @@ from PIL import Image
 
 import paligemma_edge
 from paligemma_edge.runtime.masks import attention_mask, position_ids
-from paligemma_edge.runtime.preprocess import load_image, preprocess
+from paligemma_edge.runtime.images import load_image
+from paligemma_edge.runtime.preprocess import preprocess
 
 from .conftest import model_id
 
