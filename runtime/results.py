@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from . import coco_rle
 from .parsing import Detection, Segmentation
 
 
@@ -91,17 +92,10 @@ def segmentation_to_dict(segmentation: Segmentation) -> dict:
 
 
 def mask_to_rle(mask: np.ndarray) -> dict:
-    """Row-major run lengths of a boolean mask, starting with a (possibly empty) run of False."""
-    flat = np.asarray(mask, dtype=bool).ravel()
-    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    bounds = np.concatenate([[0], changes, [flat.size]])
-    counts = np.diff(bounds).tolist()
-    if flat.size and flat[0]:
-        counts = [0] + counts
-    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "order": "row-major", "counts": counts}
+    """A boolean [height, width] mask as COCO RLE: ``{"size": [h, w], "counts": "<compressed string>"}``."""
+    return coco_rle.encode(mask)
 
 
 def rle_to_mask(rle: dict) -> np.ndarray:
-    height, width = rle["size"]
-    values = np.arange(len(rle["counts"])) % 2 == 1
-    return np.repeat(values, rle["counts"]).reshape(height, width)
+    """A result's ``mask`` (COCO RLE, compressed or not) back to a boolean [height, width] numpy array."""
+    return coco_rle.decode(rle)

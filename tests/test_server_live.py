@@ -14,8 +14,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
+
+from paligemma_edge.runtime.results import mask_to_rle, rle_to_mask
 
 pytest.importorskip("fastapi", reason="serve needs the 'apps' extra")
 httpx = pytest.importorskip("httpx", reason="the server tests use httpx as the client")
@@ -151,55 +154,177 @@ def test_token_required_on_a_real_server(segment_bundle):
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="the kiosk tests need Debian's chromium (apt install chromium)")
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="the kiosk test needs Debian's chromium (apt install chromium)")
-def test_kiosk_page_in_headless_chromium(shapes_bundle, tmp_path):
-    """Upload a scene, detect shapes, see the streamed answer and the boxes drawn over the picture."""
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the kiosk test drives Chromium with playwright")
+@pytest.fixture(scope="module")
+def kiosk(shapes_bundle):
+    running = Server(shapes_bundle)
+    yield running
+    assert running.stop()[0] == 0
+
+
+@pytest.fixture
+def page(kiosk):
+    """A fresh headless Chromium page on the kiosk, model info loaded."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the kiosk tests drive Chromium with playwright")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run", "--disable-quic"])
+        opened = browser.new_page()
+        opened.goto(kiosk.url + "/")
+        opened.wait_for_function("document.getElementById('model-info').textContent.includes('PaliGemma')")
+        yield opened
+        browser.close()
+
+
+def ask(page, image: Path, task: str, objects: str) -> None:
+    page.set_input_files("#file", str(image))
+    page.wait_for_function("document.getElementById('preview').naturalWidth > 0")
+    page.select_option("#task", task)
+    page.fill("#objects", objects)
+    page.click("#run")
+    page.wait_for_function("['done', 'error'].includes(document.body.dataset.state)", timeout=60_000)
+
+
+OVERLAY_ALPHA = """() => {
+    const c = document.getElementById('overlay');
+    const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+    const alpha = new Array(c.width * c.height);
+    for (let i = 0; i < alpha.length; i++) alpha[i] = d[4 * i + 3];
+    return [c.width, c.height, alpha];
+}"""
+
+# The order the answer box's parts come in on the page, and what of it a user sees without clicking.
+ANSWER_LAYOUT = """() => {
+    const box = document.getElementById('answer-box');
+    const order = [...box.querySelectorAll('#answer, #objects-list, #raw')].map((e) => e.id);
+    const visible = (e) => e.checkVisibility({contentVisibilityAuto: true, visibilityProperty: true});
+    return {order, raw_shown: visible(document.getElementById('raw')),
+            raw_text_shown: visible(document.getElementById('raw-text')),
+            raw_open: document.getElementById('raw').open};
+}"""
+
+
+def overlay_alpha(page) -> np.ndarray:
+    width, height, alpha = page.evaluate(OVERLAY_ALPHA)
+    return np.asarray(alpha, dtype=np.uint8).reshape(height, width)
+
+
+@needs_chromium
+def test_kiosk_page_in_headless_chromium(kiosk, page, tmp_path):
+    """Upload a scene, segment a shape: the objects listed first, the raw answer a click away, the mask painted."""
     from paligemma_edge.shapes import scenes
 
     scene = next(s for s in (scenes.scene("heldout", i) for i in range(50)) if s.count("circle") == 1)
     image = tmp_path / "scene.png"
     scenes.render(scene).save(image)
-    kiosk = Server(shapes_bundle)
-    try:
-        with httpx.Client() as client:
-            expected = client.post(kiosk.url + "/v1/generate", data={"task": "segment", "objects": "circle"},
-                                   files={"image": ("scene.png", image.read_bytes(), "image/png")}).json()
-        assert expected["segmentations"], expected["text"]
-        with sync_api.sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
-                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                "--disable-sync", "--no-first-run", "--disable-quic"])
-            page = browser.new_page()
-            page.goto(kiosk.url + "/")
-            page.wait_for_function("document.getElementById('model-info').textContent.includes('PaliGemma')")
-            page.set_input_files("#file", str(image))
-            page.select_option("#task", "segment")
-            shown = {field: page.is_visible(field) for field in ("#objects", "#question", "#prompt", "#lang", "#token")}
-            page.fill("#objects", "circle")
-            page.click("#run")
-            page.wait_for_function("['done', 'error'].includes(document.body.dataset.state)", timeout=60_000)
-            status = page.text_content("#status")
-            answer = page.text_content("#answer")
-            listed = page.locator("#objects-list li").all_text_contents()
-            painted = page.evaluate("""() => {
-                const c = document.getElementById('overlay');
-                const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-                let n = 0;
-                for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++;
-                return [n, c.width, c.height];
-            }""")
-            page.screenshot(path=str(tmp_path / "kiosk.png"))
-            browser.close()
-    finally:
-        assert kiosk.stop()[0] == 0
+    with httpx.Client() as client:
+        expected = client.post(kiosk.url + "/v1/generate", data={"task": "segment", "objects": "circle"},
+                               files={"image": ("scene.png", image.read_bytes(), "image/png")}).json()
+    assert expected["segmentations"], expected["text"]
+    page.select_option("#task", "segment")
+    shown = {field: page.is_visible(field) for field in ("#objects", "#question", "#prompt", "#lang", "#token")}
+    ask(page, image, "segment", "circle")
+    status = page.text_content("#status")
+    answer = page.text_content("#answer")
+    listed = page.locator("#objects-list li").all_text_contents()
+    layout = page.evaluate(ANSWER_LAYOUT)
+    raw_hidden = page.text_content("#raw-text")
+    page.click("#raw summary")
+    raw_after_click = page.evaluate(ANSWER_LAYOUT)["raw_text_shown"]
+    painted = overlay_alpha(page)
+    page.screenshot(path=str(tmp_path / "kiosk.png"))
     assert shown == {"#objects": True, "#question": False, "#prompt": False, "#lang": False, "#token": False}
     assert status.startswith("done"), status
-    assert answer == expected["text"]
+    assert "<loc" not in answer and "<seg" not in answer and "found" in answer, answer
+    assert layout == {"order": ["answer", "objects-list", "raw"], "raw_shown": True, "raw_text_shown": False,
+                      "raw_open": False}
+    assert raw_hidden == expected["text"] and raw_after_click  # one click shows the raw answer
     assert len(listed) == len(expected["segmentations"]) and listed[0].startswith("circle")
-    pixels, width, height = painted
-    assert (width, height) == Image.open(image).size
-    mask_pixels = sum(expected["segmentations"][0]["mask"]["counts"][1::2])
-    assert pixels >= 0.8 * mask_pixels > 0  # the mask is painted, not just the box outline
+    x0, y0, x1, y1 = (round(v) for v in expected["segmentations"][0]["box"])
+    assert f"({x0}, {y0}) to ({x1}, {y1})" in listed[0], listed[0]
+    assert painted.shape[::-1] == Image.open(image).size
+    mask = rle_to_mask(expected["segmentations"][0]["mask"])
+    assert mask.any() and (painted[mask] > 0).mean() > 0.99  # the mask is painted, not just the box outline
+
+
+def phone_photo(path: Path, width: int = 240, height: int = 320) -> tuple[np.ndarray, np.ndarray]:
+    """A JPEG as a phone held upright writes it: the sensor's sideways pixels and EXIF orientation 6
+    (rotate 90 degrees clockwise to view). Upright, a red circle top left and a blue square bottom
+    right; returns their upright masks."""
+    from PIL import ImageDraw
+
+    upright = Image.new("RGB", (width, height), (246, 244, 238))
+    draw = ImageDraw.Draw(upright)
+    draw.ellipse((30, 40, 110, 120), fill=(215, 40, 40))
+    draw.rectangle((width - 110, height - 120, width - 30, height - 40), fill=(40, 80, 215))
+    exif = Image.Exif()
+    exif[0x0110] = "Pixel 8"  # Model
+    exif[0x0112] = 6  # Orientation: the stored rows are the picture's columns
+    upright.transpose(Image.Transpose.ROTATE_90).save(path, "JPEG", quality=95, exif=exif)
+    pixels = np.asarray(upright).astype(int)
+    red = (pixels[..., 0] > 150) & (pixels[..., 2] < 100)
+    blue = (pixels[..., 2] > 150) & (pixels[..., 0] < 100)
+    return red, blue
+
+
+def grown(mask: np.ndarray, margin: int) -> np.ndarray:
+    """The mask's bounding box, grown by margin pixels on each side."""
+    ys, xs = np.nonzero(mask)
+    box = np.zeros_like(mask)
+    box[max(0, ys.min() - margin):ys.max() + margin + 1, max(0, xs.min() - margin):xs.max() + margin + 1] = True
+    return box
+
+
+@needs_chromium
+def test_kiosk_overlay_lies_on_the_objects_of_an_exif_rotated_photo(kiosk, page, tmp_path):
+    """A phone JPEG (EXIF orientation 6) shows upright, and the masks and boxes drawn over it lie on
+    the red circle and the blue square, not on the empty background."""
+    image = tmp_path / "phone.jpg"
+    red, blue = phone_photo(image)
+    assert Image.open(image).size == (320, 240)  # stored sideways
+    ask(page, image, "segment", "circle ; square")
+    shown = page.evaluate("""() => {
+        const img = document.getElementById('preview');
+        const c = document.createElement('canvas');
+        c.width = img.naturalWidth; c.height = img.naturalHeight;
+        const ctx = c.getContext('2d');
+        ctx.drawImage(img, 0, 0);
+        const at = (x, y) => [...ctx.getImageData(x, y, 1, 1).data.slice(0, 3)];
+        const box = img.getBoundingClientRect();
+        return {natural: [img.naturalWidth, img.naturalHeight], shown: [box.width, box.height],
+                circle: at(70, 80), square: at(170, 240), corner: at(200, 60)};
+    }""")
+    status = page.text_content("#status")
+    listed = page.locator("#objects-list li").all_text_contents()
+    painted = overlay_alpha(page) > 0
+    page.screenshot(path=str(tmp_path / "kiosk-exif.png"))
+    # the browser shows the picture upright (image-orientation: from-image) and draws it upright
+    assert shown["natural"] == [240, 320] and shown["shown"][0] < shown["shown"][1], shown
+    assert shown["circle"][0] > 150 > shown["circle"][2] and shown["square"][2] > 150 > shown["square"][0], shown
+    assert min(shown["corner"]) > 200, shown
+    assert status.startswith("done"), status
+    assert [entry.split(" ")[0] for entry in listed] == ["circle", "square"], listed
+    assert painted.shape == red.shape
+    for name, target in (("circle", red), ("square", blue)):
+        assert painted[target].mean() > 0.5, f"the {name}'s mask covers {painted[target].mean():.0%} of it"
+    near_objects = grown(red, 24) | grown(blue, 24)
+    assert painted[~near_objects].mean() < 0.005, "paint on the empty background"
+    assert painted.sum() > 0 and painted[near_objects].sum() / painted.sum() > 0.98
+
+
+@needs_chromium
+def test_kiosk_decodes_coco_rle_as_pycocotools_does(page):
+    """The page's JavaScript decoder against our encoder (itself checked against pycocotools)."""
+    rng = np.random.default_rng(5)
+    masks = [np.zeros((3, 4), bool), np.ones((5, 2), bool), rng.random((17, 23)) > 0.5, rng.random((1, 40)) > 0.2]
+    long_runs = np.zeros((3000, 11), bool)
+    long_runs[:, 3:6] = True
+    long_runs[1:2999, 9] = True
+    ys, xs = np.mgrid[:90, :140]
+    masks += [long_runs, (ys - 40) ** 2 + (xs - 90) ** 2 < 900]
+    for mask in masks:
+        decoded = page.evaluate("(rle) => Array.from(decodeMask(rle).mask)", mask_to_rle(mask))
+        np.testing.assert_array_equal(np.asarray(decoded, bool).reshape(mask.shape), mask)

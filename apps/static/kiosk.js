@@ -6,6 +6,7 @@ const $ = (id) => document.getElementById(id);
 const COLORS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c"];
 let picture = null; // the Blob that will be uploaded
 let stream = null; // the webcam MediaStream, while it is on
+let rawStream = false; // a detect/segment request: tokens stream into the raw answer, not the answer box
 
 function token() {
   return $("token").value || localStorage.getItem("paligemma-edge-token") || "";
@@ -53,8 +54,7 @@ function usePicture(blob) {
   preview.src = URL.createObjectURL(blob);
   $("stage").hidden = false;
   $("run").disabled = false;
-  $("answer").textContent = "";
-  $("objects-list").textContent = "";
+  clearAnswer();
 }
 
 function clearOverlay() {
@@ -65,16 +65,76 @@ function clearOverlay() {
   canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
 }
 
-function decodeMask(rle) {
-  // Row-major run lengths, starting with a run of "off" pixels.
-  const [height, width] = rle.size;
-  const mask = new Uint8Array(height * width);
+function rleCounts(text) {
+  // COCO's compressed counts: 5-bit groups from "0" (48), 0x20 = another group follows,
+  // 0x10 of the last group = negative; from the fourth count on, add the count two before.
+  const counts = [];
   let at = 0;
-  rle.counts.forEach((count, index) => {
-    if (index % 2 === 1) mask.fill(1, at, at + count);
+  while (at < text.length) {
+    let value = 0;
+    let scale = 1;
+    let code;
+    do {
+      code = text.charCodeAt(at++) - 48;
+      value += (code & 0x1f) * scale;
+      scale *= 32;
+    } while (code & 0x20 && at < text.length);
+    if (code & 0x10) value -= scale;
+    if (counts.length > 2) value += counts[counts.length - 2];
+    counts.push(value);
+  }
+  return counts;
+}
+
+function decodeMask(rle) {
+  // COCO RLE: alternating off/on runs down each column in turn, starting with an "off" run.
+  const [height, width] = rle.size;
+  const counts = typeof rle.counts === "string" ? rleCounts(rle.counts) : rle.counts;
+  const mask = new Uint8Array(height * width); // row-major, for ImageData
+  let at = 0;
+  counts.forEach((count, index) => {
+    if (index % 2 === 1) {
+      for (let p = at; p < at + count; p++) mask[(p % height) * width + Math.floor(p / height)] = 1;
+    }
     at += count;
   });
   return { mask, width, height };
+}
+
+function paintMask(ctx, rle, color) {
+  // Drawn through a canvas of the mask's size, scaled onto the overlay (the picture's size).
+  const { mask, width, height } = decodeMask(rle);
+  const layer = document.createElement("canvas");
+  layer.width = width;
+  layer.height = height;
+  const layerCtx = layer.getContext("2d");
+  const image = layerCtx.createImageData(width, height);
+  const [r, g, b] = [1, 3, 5].map((i) => parseInt(color.slice(i, i + 2), 16));
+  for (let p = 0; p < mask.length; p++) {
+    if (mask[p]) image.data.set([r, g, b, 110], p * 4);
+  }
+  layerCtx.putImageData(image, 0, 0);
+  ctx.drawImage(layer, 0, 0, ctx.canvas.width, ctx.canvas.height);
+  let area = 0;
+  for (let p = 0; p < mask.length; p++) area += mask[p];
+  return area;
+}
+
+function describeObject(item, color, area) {
+  // One readable line per object: swatch, label, box corners and size in pixels, mask area.
+  const entry = document.createElement("li");
+  const swatch = document.createElement("span");
+  swatch.className = "swatch";
+  swatch.style.background = color;
+  const label = document.createElement("strong");
+  label.textContent = item.label || "?";
+  const [x0, y0, x1, y1] = item.box.map((v) => Math.round(v));
+  const details = document.createElement("span");
+  details.className = "box";
+  details.textContent = ` box (${x0}, ${y0}) to (${x1}, ${y1}), ${x1 - x0} x ${y1 - y0} px` +
+    (area === null ? "" : `, mask ${area.toLocaleString("en")} px`);
+  entry.append(swatch, label, details);
+  return entry;
 }
 
 function drawObjects(objects) {
@@ -84,17 +144,7 @@ function drawObjects(objects) {
   const line = Math.max(2, Math.round(canvas.width / 200));
   objects.forEach((item, index) => {
     const color = COLORS[index % COLORS.length];
-    if (item.mask) {
-      const { mask, width, height } = decodeMask(item.mask);
-      const image = ctx.getImageData(0, 0, width, height);
-      const [r, g, b] = [1, 3, 5].map((i) => parseInt(color.slice(i, i + 2), 16));
-      for (let p = 0; p < mask.length; p++) {
-        if (mask[p]) {
-          image.data.set([r, g, b, 110], p * 4);
-        }
-      }
-      ctx.putImageData(image, 0, 0);
-    }
+    const area = item.mask ? paintMask(ctx, item.mask, color) : null;
     const [x0, y0, x1, y1] = item.box;
     ctx.strokeStyle = color;
     ctx.lineWidth = line;
@@ -106,10 +156,34 @@ function drawObjects(objects) {
     ctx.fillRect(x0, Math.max(0, y0 - line * 8), textWidth + line * 2, line * 8);
     ctx.fillStyle = "#fff";
     ctx.fillText(label, x0 + line, Math.max(line * 6, y0 - line * 2));
-    const entry = document.createElement("li");
-    entry.textContent = `${label}: [${item.box.map((v) => v.toFixed(0)).join(", ")}]`;
-    $("objects-list").appendChild(entry);
+    $("objects-list").appendChild(describeObject(item, color, area));
   });
+}
+
+function showAnswer(data) {
+  // Text tasks: the answer. Detect/segment: a count and the objects listed, the raw
+  // <loc..><seg..> string one click away.
+  const objects = data.detections || data.segmentations;
+  if (!objects) {
+    $("answer").textContent = data.text;
+    $("raw").hidden = true;
+    return;
+  }
+  const noun = data.segmentations ? "segmented object" : "object";
+  $("answer").textContent = objects.length
+    ? `${objects.length} ${noun}${objects.length === 1 ? "" : "s"} found:`
+    : "nothing found";
+  $("raw-text").textContent = data.text;
+  $("raw").hidden = false;
+  drawObjects(objects);
+}
+
+function clearAnswer() {
+  $("answer").textContent = "";
+  $("objects-list").textContent = "";
+  $("raw-text").textContent = "";
+  $("raw").hidden = true;
+  $("raw").open = false;
 }
 
 function formData() {
@@ -130,16 +204,15 @@ function formData() {
 
 function handleEvent(event, data) {
   if (event === "token") {
-    $("answer").textContent += data.text;
+    $(rawStream ? "raw-text" : "answer").textContent += data.text;
   } else if (event === "result") {
-    $("answer").textContent = data.text;
-    const objects = data.detections || data.segmentations || [];
-    drawObjects(objects);
+    showAnswer(data);
     const t = data.timings;
     setStatus(`done: ${data.token_ids.length} tokens, ${data.finish_reason}; ` +
       `first token ${(t.vision_ms + t.prefill_ms).toFixed(0)} ms, ${t.decode_tokens_per_s.toFixed(1)} tokens/s`);
     document.body.dataset.state = "done";
   } else if (event === "error") {
+    if (rawStream) $("answer").textContent = "";
     setStatus(`error ${data.status}: ${data.error}`, true);
     document.body.dataset.state = "error";
   }
@@ -150,9 +223,13 @@ async function run(submitEvent) {
   if (!picture) return;
   if ($("token").value) localStorage.setItem("paligemma-edge-token", $("token").value);
   $("run").disabled = true;
-  $("answer").textContent = "";
-  $("objects-list").textContent = "";
+  clearAnswer();
   clearOverlay();
+  rawStream = ["detect", "segment"].includes($("task").value);
+  if (rawStream) {
+    $("answer").textContent = "finding objects…";
+    $("raw").hidden = false;
+  }
   setStatus("running…");
   document.body.dataset.state = "running";
   try {
