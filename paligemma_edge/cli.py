@@ -8,7 +8,6 @@ keeps its traceback.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
@@ -17,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from . import extras
 from .runtime.errors import InputError, PaliGemmaEdgeError
 # Kept in sync with export.bundle.DEFAULT_TOLERANCE by a test; importing export here would need torch.
 DEFAULT_TOLERANCE = 1e-3
@@ -66,19 +66,27 @@ class _Progress:
         self._wake.set()
 
 
+def _needed_extra(args) -> extras.Need | None:
+    """The optional extra the parsed command needs (checked in main before the command imports it)."""
+    if args.command == "bench" and args.bundles:
+        return None  # existing bundles: runtime rows only, no torch
+    return extras.COMMAND_NEEDS.get(args.command)
 
-def _with_export_extra(command: str, module: str):
-    """Import a module that needs the 'export' extra (torch, transformers, onnx), or say what to install."""
+
+def _run_command(args) -> int:
+    """The command's handler; a module of an optional extra missing anywhere under it is one line."""
     try:
-        return importlib.import_module(module, __package__)
-    except ImportError as exc:
-        raise InputError(
-            f"{command} needs the 'export' extra ({exc.name} is missing): pip install 'paligemma-edge[export]'"
-        ) from None
+        return args.handler(args)
+    except ModuleNotFoundError as exc:
+        error = extras.explain(args.command, exc)
+        if error is None:  # one of our own modules, or of no extra: a bug, with its traceback
+            raise
+        raise error from exc
 
 
 def _cmd_export(args) -> int:
-    export = _with_export_extra("export", ".export.bundle")
+    from .export import bundle as export
+
     options = export.ExportOptions(
         max_seq_len=args.max_seq_len, tolerance=args.tolerance, overwrite=args.force,
         mask_decoder=Path(args.mask_decoder) if args.mask_decoder else None,
@@ -88,7 +96,8 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_quantize(args) -> int:
-    quantize = _with_export_extra("quantize", ".quantize.bundle")
+    from .quantize import bundle as quantize
+
     options = quantize.QuantizeOptions(
         precision=args.precision, target=args.target, int8_method=args.int8_method,
         calibration=Path(args.calibration) if args.calibration else None, block_size=args.block_size,
@@ -130,7 +139,8 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    harness = _with_export_extra("bench", ".benchmarks.harness")
+    from .benchmarks import harness
+
     bundles = tuple(Path(b.strip()) for b in (args.bundles or "").split(",") if b.strip())
     if bundles and args.precision:
         raise InputError("--precision applies to --model; a bundle's precision is read from its manifest")
@@ -187,7 +197,7 @@ def _describe_objects(objects) -> list[str]:
 
 def _cmd_run(args) -> int:
     from .runtime.model import load
-    from .runtime.preprocess import load_image
+    from .runtime.images import load_image
     from .runtime.sampling import GenerationOptions
 
     options = GenerationOptions(
@@ -497,9 +507,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = None
     try:
         args = build_parser().parse_args(argv)
+        extras.require(args.command, _needed_extra(args))
         args.progress = _Progress()
         try:
-            return args.handler(args)
+            return _run_command(args)
         finally:
             args.progress.close()
     except PaliGemmaEdgeError as exc:

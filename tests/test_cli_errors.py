@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 
-from paligemma_edge.runtime.manifest import MANIFEST_NAME
+from paligemma_edge.extras import MissingExtraError, explain
+from paligemma_edge.runtime.manifest import MANIFEST_NAME, read_manifest
 
 from .conftest import run_cli
 
@@ -155,3 +160,67 @@ def test_usage_errors():
     assert_one_line_error(run_cli(), "required")
     assert_one_line_error(run_cli("run"), "required")
     assert_one_line_error(run_cli("frobnicate"), "invalid choice")
+
+
+def blocked_cli(blocked: list[str], *args: str) -> subprocess.CompletedProcess:
+    """The CLI with ``blocked`` modules unimportable (a partial install); the venv test in test_install
+    runs the commands on a real base install."""
+    code = (f"import sys; sys.modules.update(dict.fromkeys({blocked!r})); "
+            "from paligemma_edge.cli import main; sys.exit(main(sys.argv[1:]))")
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+
+
+def test_a_module_of_an_extra_missing_under_a_command_is_one_line(checkpoints, tmp_path):
+    # torch is installed but a part of it is not: the check before the command passes, the import fails later
+    result = blocked_cli(["torch.export"], "export", str(checkpoints[(2, 28)]), "-o", str(tmp_path / "b"))
+    assert_one_line_error(result, "export needs the 'export' extra (torch.export is missing)",
+                          "pip install 'paligemma-edge[export]'")
+    # the check before the command: what it imports from the extra, before any work
+    result = blocked_cli(["onnx_ir"], "quantize", str(checkpoints[(2, 28)]), "--precision", "int4", "-o", "x")
+    assert_one_line_error(result, "quantize needs the 'export' extra (onnx_ir is missing)")
+    result = blocked_cli(["uvicorn", "cv2"], "serve", str(tmp_path))
+    assert_one_line_error(result, "serve needs the 'apps' extra (uvicorn is missing)")
+
+
+def test_a_missing_module_of_our_own_keeps_its_traceback(checkpoints, tmp_path):
+    result = blocked_cli(["paligemma_edge.export.onnx_graphs"], "export", str(checkpoints[(2, 28)]),
+                         "-o", str(tmp_path / "b"))
+    assert result.returncode == 1 and "Traceback" in result.stderr
+    assert "ModuleNotFoundError: import of paligemma_edge.export.onnx_graphs halted" in result.stderr
+    assert "extra" not in result.stderr
+
+
+def test_only_modules_of_an_extra_are_explained():
+    for name in ("paligemma_edge.runtime.no_such_module", "no_such_package_anywhere"):
+        with pytest.raises(ModuleNotFoundError) as caught:
+            importlib.import_module(name)
+        assert explain("run", caught.value) is None
+    with pytest.raises(ModuleNotFoundError) as caught:
+        importlib.import_module("cv2.no_such_part")
+    error = explain("camera", caught.value)
+    assert isinstance(error, MissingExtraError) and error.exit_code == 2
+    assert str(error).startswith("camera needs the 'apps' extra (cv2")
+    assert "python3-opencv" in str(error)
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_build_engines_refuses_a_bundle_quantized_for_onnxruntime(precision, quantized):
+    target = quantized[(2, 28), precision]  # quantize's default target
+    for flavour in ("tensorrt", "tensorrt-rtx"):  # before TensorRT is imported: the same where it is missing
+        result = run_cli("build-engines", str(target), "--backend", flavour)
+        assert_one_line_error(result, f"{target} was quantized for ONNX Runtime", "MatMulNBits",
+                              f"quantize FP32_BUNDLE --precision {precision} --target tensorrt")
+        assert "Plugin" not in result.stderr and "parsing" not in result.stderr
+    assert read_manifest(target).engines == {} and not list(target.glob("*.engine"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx_bindings") is None,
+                    reason="TensorRT for RTX not installed (make install adds tensorrt-rtx-cu13-libs/-bindings)")
+def test_build_engines_takes_a_bundle_for_onnxruntime_without_its_ops(bundles, tmp_path):
+    """The check is by op, not by target: Q/DQ weights with the float table parse."""
+    target = tmp_path / "int8-qdq"
+    run_cli("quantize", str(bundles[(2, 28)]), "--precision", "int8", "--int8-method", "weight-only",
+            "--keep-embeddings", "-o", str(target), check=True)
+    assert read_manifest(target).quantization["options"]["target"] == "onnxruntime"
+    run_cli("build-engines", str(target), "--backend", "tensorrt-rtx", "--max-seq-len", "32", check=True)
+    assert len(read_manifest(target).engines) == 1

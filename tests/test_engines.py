@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from paligemma_edge import BundleError, InputError
+from paligemma_edge.runtime.bundle_writer import write_manifest
 from paligemma_edge.runtime.engines import EngineOptions, select_engines
 from paligemma_edge.runtime.manifest import read_manifest
 
@@ -75,8 +76,18 @@ def test_decoder_profiles_default_by_flavour_and_are_checked():
 
 
 @needs_rtx
-@pytest.mark.parametrize("bundle_copy", [((2, 28), "int8")], indirect=True, ids=["int8-dynamic"])
+@pytest.mark.parametrize("bundle_copy", [((2, 28), "fp32")], indirect=True, ids=["custom-op"])
 def test_parser_errors_stop_the_build_with_the_parsers_words(bundle_copy):
+    # A node TensorRT's parser has no importer or plugin for, in a graph the manifest does not flag
+    # (bundles quantized for ONNX Runtime are refused before TensorRT is imported: test_cli_errors).
+    import onnx
+
+    graph = onnx.load(bundle_copy / "vision.onnx")
+    node = next(n for n in graph.graph.node if n.op_type == "MatMul")
+    node.op_type, node.domain = "NoSuchOp", "com.example"
+    graph.opset_import.append(onnx.helper.make_opsetid("com.example", 1))
+    onnx.save(graph, bundle_copy / "vision.onnx")
+    write_manifest(bundle_copy, read_manifest(bundle_copy))  # the checksums of the edited graph
     result = run_cli("build-engines", str(bundle_copy), "--backend", "tensorrt-rtx")
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 1 and "TensorRT cannot parse" in last and "Traceback" not in result.stderr
