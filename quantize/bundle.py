@@ -1,7 +1,8 @@
 """``quantize_bundle``: an fp32 bundle -> an fp16, int8 or int4 bundle, written atomically beside it.
 
 The manifest of the result records, per graph, the precision, method and parameters, and for
-fp16 which nodes were kept in fp32 and why; every backend reads that, nothing is guessed from
+every graph that computes in fp16 which nodes were kept in fp32 and why (measured on calibration
+feeds: see ``fp16``); every backend reads that, nothing is guessed from
 file names. The tied embedding / LM head is stored once: fp16 for fp16 bundles, int8 in blocks for
 int8 and int4 bundles (``keep_embeddings`` leaves it fp32).
 
@@ -26,7 +27,7 @@ import numpy as np
 import onnx
 
 from ..runtime.bundle_writer import EXTERNAL_DATA_THRESHOLD, check_output, package_versions, staged_bundle, write_manifest
-from ..runtime.errors import InputError
+from ..runtime.errors import InputError, PaliGemmaEdgeError
 from ..runtime.manifest import EmbeddingSpec, GraphSpec, Manifest, TensorSpec, read_manifest, verify_files
 from . import calibration, embedding, fp16, methods
 
@@ -170,35 +171,49 @@ class _Quantizer:
         np.save(self.staging / embedding.TABLE_FILE, table)
         return EmbeddingSpec(embedding.TABLE_FILE, str(table.dtype), spec.shape), {"embedding": table}
 
+    @property
+    def fp16_activations(self) -> bool:
+        """Whether the new graphs compute in fp16: --precision fp16, and the weight-only formats on fp16
+        activations (int8 weight-only, int4 with --int4-activations fp16: every --target tensorrt bundle)."""
+        options = self.options
+        return (options.precision == "fp16" or options.precision == "int4" and options.int4_activations == "fp16"
+                or options.precision == "int8" and options.int8_method == "weight-only")
+
     def graph(self, name: str, spec: GraphSpec, feeds: list[dict]) -> GraphSpec:
         model = onnx.load(str(self.source / spec.file))
         options = self.options
         exclude: list[str] = []
-        fp16_activations = (options.precision == "int4" and options.int4_activations == "fp16"
-                            or options.precision == "int8" and options.int8_method == "weight-only")
+        fp16_activations = self.fp16_activations and options.precision != "fp16"
         head = ""
         if name == "decoder" and self.table_dtype == "float16" and options.precision != "fp16" and not fp16_activations:
             exclude = embedding.fp16_lm_head(model)  # an fp32 graph with the fp16 table
             head = "fp16 table (Cast, MatMul, Cast)"
         elif name == "decoder" and options.precision != "fp16":
             exclude = [embedding.lm_head_node(model).name]  # the head stays at the table's precision
+        kept = self._measured_fp32(name, model, feeds) if self.fp16_activations else None
+        kept_nodes = list(kept.kept_nodes) if kept else []
+        # a MatMul kept in fp32 keeps its fp32 weight too (and its name, which the fp16 conversion looks for)
+        kept_matmuls = [n.name for n in model.graph.node if n.name in set(kept_nodes) and n.op_type == "MatMul"]
         if options.precision == "fp16":
-            model, params = self._fp16(name, model, feeds, exclude)
+            model = fp16.convert(model, keep_io=self._fp32_io(model), node_block_list=kept_nodes + exclude)
+            params = {"method": "fp16", "fp16_io": self.options.fp16_io}
         elif options.precision == "int8" and options.int8_method == "static":
             model, params = methods.int8_static(model, feeds, exclude)
         elif options.precision == "int8" and options.int8_method == "weight-only":
-            model, params = methods.int8_weight_only(model, exclude)
+            model, params = methods.int8_weight_only(model, exclude + kept_matmuls)
         elif options.precision == "int8":
             model, params = methods.int8_dynamic(model, exclude)
         elif options.target == "tensorrt":
-            model, params = methods.int4_qdq(model, options.block_size, exclude)
+            model, params = methods.int4_qdq(model, options.block_size, exclude + kept_matmuls)
         else:
-            model, params = methods.int4_blocks(model, options.block_size, exclude)
+            model, params = methods.int4_blocks(model, options.block_size, exclude + kept_matmuls)
         if fp16_activations:
             # with an fp16 table the head is converted with the rest; an fp32 or int8 table keeps its head
             blocked = exclude if self.table_dtype != "float16" else []
-            model = fp16.convert(model, keep_io=self._fp32_io(model), node_block_list=blocked)
+            model = fp16.convert(model, keep_io=self._fp32_io(model), node_block_list=blocked + kept_nodes)
             params["activations"] = "fp16"
+        if kept is not None:
+            params["ranges"] = kept.to_dict()
         params["target"] = options.target
         if name == "decoder" and self.table_dtype == "int8":
             # after the layers are quantized: the new head reads the table embedding() wrote beside the graph
@@ -216,24 +231,54 @@ class _Quantizer:
         names = [v.name for v in (*model.graph.input, *model.graph.output)]
         return [n for n in names if n in keep or (not self.options.fp16_io and n != "embedding")]
 
-    def _fp16(self, name, model, feeds, exclude):
+    def _measured_fp32(self, name: str, model: onnx.ModelProto, feeds: list[dict]) -> fp16.RangeReport:
+        """What stays fp32 in an fp16-activation graph: measured on the source graph's calibration feeds."""
         maxima = fp16.measure_ranges(model, feeds)
-        kept = fp16.nodes_out_of_range(model, maxima)
-        self.step(f"{name}: max |activation| {kept.max_abs_activation:.4g}; "
-                  f"{len(kept.kept_nodes)} node(s) beyond +-{kept.threshold:g} kept in fp32")
-        converted = fp16.convert(model, keep_io=self._fp32_io(model), node_block_list=list(kept.kept_nodes) + exclude)
-        params = {"method": "fp16", "fp16_io": self.options.fp16_io, "ranges": kept.to_dict()}
-        return converted, params
+        kept = fp16.nodes_out_of_range(model, maxima, feeds=len(feeds))
+        rule = f", RMSNorm reductions whole: {kept.rms_norm_reductions}" if kept.rms_norm_reductions else ""
+        self.step(f"{name}: max |activation| {kept.max_abs_activation:.4g} over {len(feeds)} feed(s); "
+                  f"{len(kept.measured_nodes)} node(s) beyond +-{kept.threshold:g}{rule}; "
+                  f"{len(kept.kept_nodes)} kept in fp32")
+        return kept
 
 
-def _smoke_test(bundle: Path) -> None:
-    """Load the staged bundle with the runtime and generate two tokens: a bundle that cannot run is not written."""
+class NonFiniteOutputError(PaliGemmaEdgeError):
+    """The quantized bundle's smoke run gave inf or NaN: the bundle is not written."""
+
+
+_NON_FINITE_ADVICE = {
+    "fp16": "try --precision int8 or int4 (fp32 activations), or --calibration DIR with your own pictures so the "
+            "ranges that overflow are measured",
+    "fp32": "try --calibration DIR with your own pictures, or --keep-embeddings",
+}
+
+
+def _check_finite(values: np.ndarray, graph: str, stage: str, options: QuantizeOptions, activations: str) -> None:
+    if not np.isfinite(values).all():
+        bad = int(np.size(values) - np.isfinite(values).sum())
+        advice = ("drop --fp16-io (the graphs' inputs and outputs in fp16), or "
+                  if options.fp16_io else "") + _NON_FINITE_ADVICE[activations]
+        raise NonFiniteOutputError(
+            f"the quantized {graph} graph gives non-finite values ({bad} of {np.size(values)} {stage}) on the smoke "
+            f"input; the bundle was not written: {advice}")
+
+
+def _smoke_test(bundle: Path, options: QuantizeOptions, activations: str) -> None:
+    """Load the staged bundle with the runtime, encode pictures, prefill and decode two tokens: every
+    image embedding and logit must be finite. A bundle that cannot run is not written."""
+    from ..runtime.generate import decode_step, prefill
     from ..runtime.model import load
-    from ..runtime.sampling import GenerationOptions
 
     with load(bundle, verify=False) as model:
-        model.generate_batch(calibration.synthetic_images(count=1), [calibration.DEFAULT_PROMPTS[0]],
-                             GenerationOptions(max_new_tokens=2))
+        images = calibration.synthetic_images(count=2)
+        embeds = model.encode_images(images)
+        _check_finite(embeds, "vision", "image embeddings", options, activations)
+        batch = model.tokenizer.batch(calibration.DEFAULT_PROMPTS[:2])
+        logits, state = prefill(model.backend, model.manifest.decoder, batch, embeds)
+        _check_finite(logits, "decoder", "prefill logits", options, activations)
+        for _ in range(2):
+            logits = decode_step(model.backend, model.manifest.decoder, state, np.argmax(logits, axis=1))
+            _check_finite(logits, "decoder", "decode-step logits", options, activations)
 
 
 def quantize_bundle(source: str | Path, output: str | Path, options: QuantizeOptions,
@@ -258,16 +303,16 @@ def quantize_bundle(source: str | Path, output: str | Path, options: QuantizeOpt
 
     with staged_bundle(output, options.overwrite) as staging, _quiet_quantizers():
         run = _Quantizer(source, manifest, options, staging, step)
-        needs_feeds = options.precision == "fp16" or options.int8_method == "static" and options.precision == "int8"
+        needs_feeds = run.fp16_activations or options.int8_method == "static" and options.precision == "int8"
         recorded = run.calibration_set() if needs_feeds else calibration.CalibrationSet()
         step(f"writing the tied embedding as {run.table_dtype}")
         embedding_spec, constants = run.embedding()
         step(f"quantizing vision graph to {options.precision}")
         vision = run.graph("vision", manifest.vision_graph, recorded.vision)
         step(f"quantizing decoder graph to {options.precision}")
-        # Feeds for the source (fp32) decoder: ranges are measured there; static int8 calibrates the rewritten one.
+        # Feeds for the source (fp32) decoder: fp16 ranges are measured there; static int8 calibrates the rewritten one.
         source_table = {"embedding": np.load(source / manifest.embedding.file, mmap_mode="r")}
-        decoder_feeds = [feed | (source_table if options.precision == "fp16" else constants) for feed in recorded.decoder]
+        decoder_feeds = [feed | (source_table if run.fp16_activations else constants) for feed in recorded.decoder]
         decoder = run.graph("decoder", manifest.decoder_graph, decoder_feeds)
         for name in {manifest.tokenizer, *(m.file for m in [manifest.mask_decoder] if m)}:
             shutil.copyfile(source / name, staging / name)
@@ -283,6 +328,6 @@ def quantize_bundle(source: str | Path, output: str | Path, options: QuantizeOpt
         )
         result = write_manifest(staging, result)
         step("checking that the runtime loads and runs the new bundle")
-        _smoke_test(staging)
+        _smoke_test(staging, options, "fp16" if run.fp16_activations else "fp32")
     step(f"wrote {options.precision} bundle {output}")
     return result

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from ..runtime.errors import InputError
+from ..runtime.images import load_image
 from ..runtime.model import load
 from ..runtime.sampling import GenerationOptions
 
@@ -89,7 +90,9 @@ class _Recorder:
 
         def record(name, value):
             if name not in CONSTANT_INPUTS:
-                bound[name] = value.numpy()
+                # a copy: an OrtValue made from a numpy array wraps that array's memory, which the
+                # backend frees after the step (a view would read whatever is allocated there next)
+                bound[name] = np.array(value.numpy(), copy=True)
             bind(name, value)
 
         binding.bind_ortvalue_input = record
@@ -114,6 +117,7 @@ def record(bundle: Path, images: list, prompts: list[str], decode_steps: int = D
         backend.decoder = _Recorder(backend.decoder, recorded.decoder)
         options = GenerationOptions(max_new_tokens=decode_steps + 1)
         for image in images:
+            picture = load_image(image)  # the runtime's loader (upright, RGB), once per picture
             for prompt in prompts:  # one at a time: a batch would multiply each feed's KV cache
-                model.generate_batch([image], [prompt], options)
+                model.generate_batch([picture], [prompt], options)
     return recorded

@@ -29,8 +29,11 @@ from .manifest import EngineSet, EngineSpec, GraphSpec, Manifest, TensorSpec, re
 # flavour -> (module, what to install)
 FLAVOURS = {
     "tensorrt": ("tensorrt", "TensorRT 10 (JetPack 6/7 ships it; on x86: pip install tensorrt)"),
-    "tensorrt-rtx": ("tensorrt_rtx_bindings", "pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings"),
+    "tensorrt-rtx": ("tensorrt_rtx_bindings", "pip install 'paligemma-edge[tensorrt-rtx]'"),
 }
+
+# quantization methods whose ops only ONNX Runtime has (TensorRT's parser looks for a plugin and fails)
+_ONNXRUNTIME_ONLY = {"int8-dynamic": "DynamicQuantizeMatMul", "int4-matmulnbits": "MatMulNBits"}
 
 # decoder optimization profiles per flavour: 2 = prefill and decode, 1 = one spanning both
 DEFAULT_DECODER_PROFILES = {"tensorrt": 2, "tensorrt-rtx": 1}
@@ -67,6 +70,28 @@ def import_tensorrt(flavour: str):
         return importlib.import_module(module)
     except ImportError:
         raise BackendUnavailableError(f"{flavour} is not installed ({module} missing): {install}") from None
+
+
+def onnxruntime_only_ops(manifest: Manifest) -> list[str]:
+    """Where a bundle uses ops only ONNX Runtime runs, from its manifest: 'graph: op' for each; empty for
+    bundles TensorRT takes (fp32, fp16, the Q/DQ formats of quantize --target tensorrt)."""
+    found = [f"{name}: {_ONNXRUNTIME_ONLY[graph.quantization['method']]}"
+             for name, graph in (("vision", manifest.vision_graph), ("decoder", manifest.decoder_graph))
+             if graph.quantization.get("method") in _ONNXRUNTIME_ONLY]
+    if manifest.embedding.block_size:  # an int8 table: the LM head reads it with an 8-bit MatMulNBits
+        found.append("LM head: 8-bit MatMulNBits on the int8 table")
+    return found
+
+
+def check_tensorrt_takes(bundle: Path, manifest: Manifest) -> None:
+    """Refuse, in one line and before TensorRT is imported, a bundle quantized for ONNX Runtime."""
+    found = onnxruntime_only_ops(manifest)
+    if found:
+        raise BundleError(
+            f"{bundle} was quantized for ONNX Runtime ({'; '.join(found)}), which TensorRT cannot parse; make "
+            f"one for TensorRT with 'paligemma-edge quantize FP32_BUNDLE --precision {manifest.precision} "
+            "--target tensorrt' (fp32 and fp16 bundles build as they are)"
+        )
 
 
 def gpu_description() -> str:
@@ -141,7 +166,29 @@ def profiles_for(graph: GraphSpec, name: str, max_batch: int, max_seq_len: int,
     }
 
 
-_DTYPES = {"FLOAT": "float32", "HALF": "float16", "INT64": "int64", "BOOL": "bool", "INT8": "int8", "INT32": "int32"}
+_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT64": "int64", "BOOL": "bool", "INT8": "int8",
+           "INT32": "int32"}
+
+
+def layer_dtypes(network) -> dict[str, tuple[str, ...]]:
+    """Each layer of a parsed network (named after its ONNX node) -> its outputs' dtypes. In a strongly
+    typed network these are the types the builder must keep: the engine computes each layer in them."""
+    layers = (network.get_layer(i) for i in range(network.num_layers))
+    return {layer.name: tuple(_DTYPES.get(layer.get_output(i).dtype.name, layer.get_output(i).dtype.name.lower())
+                              for i in range(layer.num_outputs)) for layer in layers}
+
+
+def check_fp32_layers(network, graph: GraphSpec) -> int:
+    """The graph's fp32 nodes (``GraphSpec.fp32_nodes``, measured at quantize time) must be fp32 layers of
+    the network; returns how many were found. A node TensorRT would run in another float type stops the build."""
+    dtypes = layer_dtypes(network)
+    found = [node for node in graph.fp32_nodes() if node in dtypes]
+    wrong = [node for node in found if any(d in ("float16", "bfloat16", "bf16") for d in dtypes[node])]
+    if wrong:
+        raise EngineBuildError(
+            f"{graph.file}: {len(wrong)} node(s) the manifest keeps in fp32 are not fp32 in TensorRT's network "
+            f"(first: {wrong[0]}, {dtypes[wrong[0]]}); re-create the bundle with this version's quantize")
+    return len(found)
 
 
 def _build_one(trt, bundle: Path, graph: GraphSpec, name: str, options: EngineOptions, max_seq_len: int,
@@ -154,6 +201,9 @@ def _build_one(trt, bundle: Path, graph: GraphSpec, name: str, options: EngineOp
     if not parser.parse_from_file(str(bundle / graph.file)):
         messages = [parser.get_error(i).desc() for i in range(parser.num_errors)] or collector.errors
         raise EngineBuildError(f"TensorRT cannot parse {graph.file}: {'; '.join(messages[:3])}")
+    kept = check_fp32_layers(network, graph)
+    if kept:
+        step(f"{name}: the {kept} node(s) the manifest keeps in fp32 are fp32 layers of the strongly typed network")
     config = builder.create_builder_config()
     # The cache travels as bytes: a timing-cache object dies with the builder that made it, and
     # handing it to the next engine's builder crashed TensorRT for RTX (a segfault).
@@ -184,6 +234,7 @@ def build_engines(bundle: str | Path, options: EngineOptions = EngineOptions(),
     if not bundle.is_dir():
         raise BundleError(f"{bundle}: no such bundle directory")
     manifest = read_manifest(bundle)
+    check_tensorrt_takes(bundle, manifest)
     max_seq_len = options.max_seq_len or manifest.decoder.max_seq_len
     if max_seq_len > manifest.decoder.max_seq_len:
         raise InputError(f"--max-seq-len {max_seq_len} exceeds the bundle's {manifest.decoder.max_seq_len}")

@@ -111,6 +111,11 @@ class GraphSpec:
     def output_names(self) -> list[str]:
         return [t.name for t in self.outputs]
 
+    def fp32_nodes(self) -> tuple[str, ...]:
+        """Nodes of an fp16-activation graph that compute in fp32: measured on calibration feeds at
+        quantize time (``quantization["ranges"]``); empty for other graphs and for older bundles."""
+        return tuple(self.quantization.get("ranges", {}).get("kept_nodes", ()))
+
 
 @dataclass(frozen=True)
 class EmbeddingSpec:
