@@ -32,8 +32,8 @@ class PromptTokenizer:
             self._tokenizer = Tokenizer.from_file(str(tokenizer_path))
         except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
             raise BundleError(f"{tokenizer_path}: unreadable tokenizer ({exc})") from None
-        # transformers sets truncation and padding per call and uses neither for a prompt; a
-        # tokenizer.json may still carry them (a 512-token truncation would cut the image tokens).
+        # A tokenizer.json may carry a truncation (BERT-style files: 512) or padding. A prompt is
+        # never cut or padded here: a cut would drop image tokens, which the model then refuses.
         self._tokenizer.no_truncation()
         self._tokenizer.no_padding()
         self.tokens = manifest.tokens

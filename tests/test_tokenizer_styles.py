@@ -2,7 +2,9 @@
 
 Each style is built here, independently of ``export.tiny``'s tokenizer: Gemma's own layout (via
 transformers' GemmaTokenizer), SentencePiece-style Metaspace with ``first`` and ``always``,
-byte-level BPE and WordPiece. Each goes into a random PaliGemma checkpoint, is exported through
+byte-level BPE and WordPiece. The processor's constructor turns bos/eos adding off, which rewrites
+any post-processor a style brings to a plain ``$A`` template, and export saves that tokenizer; the
+pre-tokenizers and normalizers are what differ. Each goes into a random PaliGemma checkpoint, is exported through
 the CLI (whose validation compares prompt ids too) and the bundle's runtime tokenizer is
 compared with the checkpoint's processor, loaded the way a user loads it, in the same test.
 """
@@ -89,7 +91,8 @@ def byte_level_style():
 
 
 def wordpiece_style():
-    """BERT-style WordPiece: a lower-casing normalizer, a [CLS]/[SEP] template and a saved truncation."""
+    """BERT-style WordPiece: a lower-casing normalizer and a saved truncation (its [CLS]/[SEP] template is
+    replaced by the processor, see the module doc)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     tokenizer = Tokenizer(models.WordPiece(unk_token="<unk>"))
@@ -103,8 +106,8 @@ def wordpiece_style():
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", tokenizer.token_to_id("[CLS]")),
                                                  ("[SEP]", tokenizer.token_to_id("[SEP]"))],
     )
-    # BERT's tokenizer.json carries a 512-token truncation; the processor applies it (the runtime never
-    # truncates: past 512 the processor would cut image tokens, which the model then refuses).
+    # BERT's tokenizer.json carries a 512-token truncation, which the processor applies through its saved
+    # kwargs (the runtime never truncates: past 512 the processor would cut image tokens).
     tokenizer.enable_truncation(max_length=512)
     return _add_paligemma_tokens(tokenizer)
 
