@@ -45,7 +45,7 @@ BACKENDS = {
     "tensorrt": ("paligemma_edge.runtime.backends.tensorrt", "TensorRTBackend",
                  "pip install 'paligemma-edge[gpu]' (cuda-python); TensorRT comes with JetPack"),
     "tensorrt-rtx": ("paligemma_edge.runtime.backends.tensorrt", "TensorRTRtxBackend",
-                     "pip install 'paligemma-edge[gpu]' tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings"),
+                     "pip install 'paligemma-edge[gpu,tensorrt-rtx]'"),
 }
 
 
