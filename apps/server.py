@@ -33,6 +33,7 @@ from ..runtime.model import PaliGemma, load
 from ..runtime.images import ImageTooLargeError, load_image
 from ..runtime.sampling import GenerationOptions
 from ..runtime.tasks import LANGUAGES, TASKS, build_prompt
+from . import openai_api
 from .metrics import ServerMetrics
 from .worker import Cancelled, DeadlineExceeded, Job, ModelWorker, QueueFull
 
@@ -56,6 +57,7 @@ class ServerOptions:
     max_new_tokens: int = 256
     request_timeout_s: float = 120.0
     max_queue: int = 32
+    allow_remote_images: bool = False
 
     @property
     def max_upload_bytes(self) -> int:
@@ -70,8 +72,12 @@ class HTTPProblem(Exception):
         self.status = status
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _error(status: int, message: str, path: str = "", headers: dict | None = None) -> JSONResponse:
+    """One-line JSON error; in OpenAI's error shape on the OpenAI-compatible routes."""
+    if path in openai_api.ROUTES:
+        status, body = openai_api.error_body(status, message)
+        return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
@@ -160,7 +166,8 @@ def create_app(model: PaliGemma, options: ServerOptions) -> FastAPI:
     @app.middleware("http")
     async def guard(request: Request, call_next):
         path = request.url.path
-        route = path if path in ("/", "/healthz", "/metrics", "/v1/info", "/v1/generate") else "other"
+        route = path if path in ("/", "/healthz", "/metrics", "/v1/info", "/v1/generate", *openai_api.ROUTES) \
+            else "other"
         response = await _guarded(request, call_next, path)
         metrics.record_request(route, response.status_code)
         return response
@@ -169,35 +176,40 @@ def create_app(model: PaliGemma, options: ServerOptions) -> FastAPI:
         if options.token is not None and path.startswith(protected):
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {options.token}".encode()):
-                return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401,
-                                    headers={"WWW-Authenticate": "Bearer"})
+                return _error(401, "missing or wrong bearer token", path, headers={"WWW-Authenticate": "Bearer"})
         if request.method == "POST":
             length = request.headers.get("content-length")
             if length is None or not length.isdigit():
-                return _error(411, "send a Content-Length header")
-            if int(length) > options.max_upload_bytes + FORM_OVERHEAD_BYTES:
+                return _error(411, "send a Content-Length header", path)
+            base64_size = (options.max_upload_bytes + 2) // 3 * 4 if path == openai_api.CHAT_PATH else 0
+            if int(length) > max(options.max_upload_bytes, base64_size) + FORM_OVERHEAD_BYTES:
                 return _error(413, f"upload is {int(length)} bytes; this server accepts at most "
-                                   f"{options.max_upload_bytes} per image")
+                                   f"{options.max_upload_bytes} per image", path)
         try:
             return await call_next(request)
         except Exception as exc:  # never a traceback or a path in the answer
             log.error("request failed", exc_info=exc)
-            return _error(500, "internal error")
+            return _error(500, "internal error", path)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(part) for part in first.get("loc", ())[1:]) or "request"
-        return _error(422, f"{where}: {first.get('msg', 'invalid value')}")
+        return _error(422, f"{where}: {first.get('msg', 'invalid value')}", request.url.path)
 
     @app.exception_handler(HTTPProblem)
     async def problem(request: Request, exc: HTTPProblem):
-        return _error(exc.status, str(exc))
+        return _error(exc.status, str(exc), request.url.path)
+
+    @app.exception_handler(openai_api.ChatRequestError)
+    async def chat_refused(request: Request, exc: openai_api.ChatRequestError):
+        status, body = openai_api.error_body(exc.status, str(exc), exc.param, exc.code)
+        return JSONResponse(body, status_code=status)
 
     @app.exception_handler(PaliGemmaEdgeError)
     async def refused(request: Request, exc: PaliGemmaEdgeError):
         return _error(422 if isinstance(exc, InputError) else 500, str(exc) if isinstance(exc, InputError)
-                      else "internal error")
+                      else "internal error", request.url.path)
 
     @app.get("/healthz")
     async def healthz():
@@ -265,32 +277,106 @@ def create_app(model: PaliGemma, options: ServerOptions) -> FastAPI:
             return _error(*_failure(exc))
         return finished(result, generation)
 
-    async def _stream(job: Job, finished):
+    async def _events(job: Job):
+        """Run a job on the worker: yields ("token", chunk) per token, then ("result", (result,
+        generation)) or ("error", (status, message)). Leaving early frees the model."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         job.on_token = lambda chunk: loop.call_soon_threadsafe(events.put_nowait, ("token", chunk))
         try:
             future = worker.submit(job)
         except QueueFull as exc:
-            yield _sse("error", {"status": 503, "error": f"server busy: {exc}"})
+            yield "error", (503, f"server busy: {exc}")
             return
         future.add_done_callback(lambda f: loop.call_soon_threadsafe(events.put_nowait, ("done", f)))
         try:
             while True:
                 kind, value = await events.get()
                 if kind == "token":
-                    yield _sse("token", {"token_id": value.token_id, "text": value.text})
+                    yield "token", value
                     continue
                 try:
-                    result, generation = value.result()
+                    yield "result", value.result()
                 except Exception as exc:
-                    status, message = _failure(exc)
-                    yield _sse("error", {"status": status, "error": message})
-                else:
-                    yield _sse("result", finished(result, generation))
+                    yield "error", _failure(exc)
                 return
         finally:
             job.cancelled.set()  # the client went away (or we are done): free the model
+
+    async def _stream(job: Job, finished):
+        async for kind, value in _events(job):
+            if kind == "token":
+                yield _sse("token", {"token_id": value.token_id, "text": value.text})
+            elif kind == "result":
+                yield _sse("result", finished(*value))
+            else:
+                yield _sse("error", {"status": value[0], "error": value[1]})
+
+    served_id = info["bundle"]
+    created = int(time.time())
+
+    @app.get(openai_api.MODELS_PATH)
+    async def v1_models():
+        return openai_api.models(served_id, model.manifest.model_name, created)
+
+    @app.post(openai_api.CHAT_PATH)
+    async def chat_completions(request: Request):
+        accepted = time.monotonic()
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError):
+            raise openai_api.ChatRequestError(400, "the request body is not valid JSON") from None
+        chat = openai_api.parse_chat_request(body, served_id)
+        url = chat.image_url
+        if url.startswith(("http://", "https://")) and options.allow_remote_images:
+            data = await asyncio.to_thread(openai_api.image_bytes, url, options.max_upload_bytes, True)
+        else:
+            data = openai_api.image_bytes(url, options.max_upload_bytes, options.allow_remote_images)
+        picture = decode_image(data, options.max_image_pixels)
+        max_new_tokens = chat.max_new_tokens or min(DEFAULT_MAX_NEW_TOKENS, options.max_new_tokens)
+        if max_new_tokens > options.max_new_tokens:
+            raise openai_api.ChatRequestError(400, f"max_tokens is {max_new_tokens}; this server allows at most "
+                                              f"{options.max_new_tokens}", "max_tokens")
+        generation_options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=chat.temperature,
+                                                top_p=chat.top_p, seed=chat.seed)
+        prompt_tokens = len(model.tokenizer.encode(chat.prompt))  # too long for the bundle: 400 now
+        model.check_can_parse([chat.prompt])
+        job = Job(picture, chat.prompt, generation_options, deadline=accepted + options.request_timeout_s)
+        ident = openai_api.new_id()
+
+        def finished(result, generation) -> dict:
+            metrics.record_generation(time.monotonic() - accepted, len(generation.token_ids),
+                                      generation.timings.decode_tokens_per_s)
+            return result.to_dict()
+
+        if not chat.stream:
+            async for kind, value in _events(job):
+                if kind == "result":
+                    return openai_api.completion(ident, served_id, finished(*value), prompt_tokens)
+                if kind == "error":
+                    return _error(*value, openai_api.CHAT_PATH)
+
+        async def chunks():
+            stamp = int(time.time())
+            data = lambda payload: f"data: {json.dumps(payload)}\n\n"
+            yield data(openai_api.chunk(ident, served_id, {"role": "assistant", "content": ""}, created=stamp))
+            async for kind, value in _events(job):
+                if kind == "token":
+                    if value.text:
+                        yield data(openai_api.chunk(ident, served_id, {"content": value.text}, created=stamp))
+                elif kind == "result":
+                    result = finished(*value)
+                    yield data(openai_api.chunk(ident, served_id, openai_api.objects(result),
+                                                openai_api.FINISH[result["finish_reason"]], created=stamp))
+                    if chat.include_usage:
+                        yield data({**openai_api.chunk(ident, served_id, {}, created=stamp), "choices": [],
+                                    "usage": openai_api.usage(prompt_tokens, len(result["token_ids"]))})
+                    yield "data: [DONE]\n\n"
+                else:
+                    yield data(openai_api.error_body(*value)[1])
+
+        return StreamingResponse(chunks(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return app
 
@@ -322,7 +408,7 @@ def serve(options: ServerOptions, progress=print) -> int:
     model = load(options.bundle, backend=options.backend, verify=options.verify, threads=options.threads)
     app = create_app(model, options)
     where = f"[{options.host}]" if ":" in options.host else options.host
-    progress(f"serving on http://{where}:{options.port}/ (API: /v1/generate, /v1/info, /metrics; "
+    progress(f"serving on http://{where}:{options.port}/ (API: /v1/generate, /v1/chat/completions, /v1/info, /metrics; "
              f"{'bearer token required' if token else 'no token'}); Ctrl-C stops")
     server = uvicorn.Server(uvicorn.Config(app, host=options.host, port=options.port, log_level="warning",
                                            timeout_graceful_shutdown=5))

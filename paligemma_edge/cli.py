@@ -294,7 +294,7 @@ def _cmd_serve(args) -> int:
         bundle=args.bundle, host=args.host, port=args.port, backend=args.backend, threads=args.threads,
         token=args.token, verify=not args.no_verify, max_upload_mb=args.max_upload_mb,
         max_image_pixels=args.max_image_pixels, max_new_tokens=args.max_new_tokens,
-        request_timeout_s=args.request_timeout,
+        request_timeout_s=args.request_timeout, allow_remote_images=args.allow_remote_images,
     ), progress=args.progress)
 
 
@@ -467,6 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="cap on a request's max_new_tokens (default 256)")
     serve.add_argument("--request-timeout", type=float, default=120.0,
                        help="seconds a request may wait and run before it fails with 503/504 (default 120)")
+    serve.add_argument("--allow-remote-images", action="store_true",
+                       help="let /v1/chat/completions fetch http(s) image_url pictures (default: data: URLs only)")
     serve.set_defaults(handler=_cmd_serve)
 
     camera = commands.add_parser("camera", help="run a task on frames from a camera, video file, RTSP URL or GStreamer pipeline")
