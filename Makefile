@@ -12,7 +12,7 @@ TORCH := torch==2.13.0
 
 install:
 	$(PIP) install -q $(TORCH)
-	$(PIP) install -q -e ".[export,apps,test,bench,tensorrt-rtx,gpu]"
+	$(PIP) install -q -e ".[export,finetune,apps,eval,test,bench,tensorrt-rtx,gpu]"
 
 install-runtime:  # what a device needs: numpy, pillow, tokenizers, onnxruntime
 	$(PIP) install -q -e .

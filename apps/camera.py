@@ -1,55 +1,49 @@
-"""Run one task on frames from a camera, a video file, an RTSP stream or a GStreamer pipeline.
+"""Run one task on frames from one or several sources (cameras, video files, RTSP streams,
+GStreamer pipelines), the frames of all sources batched into one model call.
 
     paligemma-edge camera BUNDLE --source 0 --task caption --fps 1 --out captions.jsonl
     paligemma-edge camera BUNDLE --source clip.mp4 --task detect --objects "person ; car" \\
         --every 5 --out boxes.jsonl --annotate boxes.mp4
+    paligemma-edge camera BUNDLE --source front.mp4 --source rtsp://10.0.0.5/s1 --task caption \\
+        --fps 2 --out "r-{name}.jsonl" --annotate "a-{index}.mp4"
 
-Sources (``--source``), opened with OpenCV (the ``apps`` extra: opencv-python-headless)
-- ``0``, ``/dev/video0``: a USB (UVC) camera through V4L2.
-- ``rtsp://user:pass@192.168.1.20:554/stream1`` (any ``scheme://`` URL): a network stream
-  through OpenCV's FFmpeg. Passwords are masked in messages.
-- A string containing ``!``: a GStreamer pipeline ending in ``appsink``, opened with
-  ``cv2.CAP_GSTREAMER``. That needs an OpenCV built with GStreamer: the PyPI wheels are not,
-  JetPack's ``python3-opencv`` is (use it in a venv made with ``--system-site-packages``).
-  Jetson CSI camera (Argus, ISP debayering, nvvidconv out of NVMM memory)::
+What a source is, how its frames are read (newest frame from a grabber thread for live sources,
+the file's own timeline for files) and which frames are due (``every`` / ``fps``, one
+:class:`~.video_sources.Pacer` per source) is :mod:`.video_sources`; this module is the loop.
 
-    nvarguscamerasrc sensor-id=0 ! video/x-raw(memory:NVMM),width=1280,height=720,framerate=30/1 !
-    nvvidconv ! video/x-raw,format=BGRx ! videoconvert ! video/x-raw,format=BGR ! appsink drop=1 max-buffers=1
-
-  USB camera: ``v4l2src device=/dev/video0 ! video/x-raw,width=640,height=480 ! videoconvert !
-  video/x-raw,format=BGR ! appsink drop=1 max-buffers=1``. RTSP with the Jetson's hardware
-  decoder: ``rtspsrc location=rtsp://... latency=200 ! rtph264depay ! h264parse ! nvv4l2decoder !
-  nvvidconv ! video/x-raw,format=BGRx ! videoconvert ! video/x-raw,format=BGR ! appsink drop=1
-  max-buffers=1``. (appsink's ``drop`` only acts once ``max-buffers`` is reached; its default,
-  0, is unlimited.)
-- Anything else: a video file.
-
-Pacing (decided here)
-- Live sources (cameras, URLs, pipelines) are read on a grabber thread that keeps only the
-  newest frame (:class:`FrameGrabber`): the driver's and the network's buffers are drained as
-  fast as frames come, the model always gets the most recent frame, and frames that arrive while
-  it is busy are replaced and counted as dropped. Without ``every``/``fps`` the loop runs as fast
-  as the model allows and never falls behind. ``every N`` runs on a frame at least N frames after
-  the last one run; ``fps F`` on the first frame at or after each 1/F-second tick of the wall
-  clock (seconds since the first frame). Frames the loop sees but that are not due are skipped.
-- Video files are not real time: they are read frame by frame on the file's own timeline, so a
-  run gives the same frames every time. Without pacing every frame is run; ``every N`` runs frames
-  0, N, 2N...; ``fps F`` runs the first frame whose timestamp (``CAP_PROP_POS_MSEC``, or index /
-  the file's fps) is at or after each 1/F-second tick since the first frame; the others are
-  skipped. Use ``fps`` to sample a file the way a camera would be sampled.
+The loop (decided here)
+- Each round takes the due frame of every source that has one: a live source's newest frame if
+  it is new and due (none yet: it sits the round out), a file's next due frame on its timeline.
+  Those frames run as one batch, ``model.generate_batch(pictures, [prompt] * n)``, in chunks of
+  at most ``max_batch`` frames (the smaller of the option and the backend's ``max_batch``, which
+  TensorRT engines have). With one prompt for all, rows have the same length: no padding, and
+  greedy decoding gives each frame the tokens it gets alone. When no source has a frame, the
+  loop sleeps until a live source's grabber has one.
+- A source drops out when it ends (end of file, a live source that stopped or failed: its
+  error is its ``stopped``) or when it has processed ``max_frames`` frames (counted per
+  source); the run ends when every source has. Ctrl-C stops all sources at once.
+- With one source the outputs are exactly what they were before batching: the same JSON lines,
+  summary and messages.
 
 Outputs: ``out`` gets one JSON line per processed frame, flushed as written (a killed run leaves
 valid lines): ``frame`` (index in the source; for live sources, frames read so far), ``timestamp``
 (seconds on the source's timeline; live: since the first frame), ``wall_time`` (Unix seconds when
 the result was ready), ``latency_ms`` (frame read -> result, so for live sources it includes the
-frame's wait for the model) and ``result`` (what ``run --json`` prints). ``annotate`` gets a video
-of the processed frames with the answer, boxes and masks drawn (mp4v for .mp4/.m4v/.mov/.mkv,
-MJPG for .avi), at ``fps``, else the file's rate / ``every``, else (live) the first frame's
-processing rate. Ctrl-C stops the loop, closes both files (the video stays playable) and returns
-the summary with ``interrupted=True``.
+frame's wait for the model, and in a batch the wait for the batch) and ``result`` (what
+``run --json`` prints; its ``timings`` are the batch's). Lines name no source: each source has
+its own file, and a line reads the same whether its source ran alone or with others.
+``annotate`` gets a video of the processed frames with the answer, boxes and masks drawn (mp4v
+for .mp4/.m4v/.mov/.mkv, MJPG for .avi), at ``fps``, else the file's rate / ``every``, else (live)
+the first frame's processing rate. Ctrl-C stops the loop, closes every file (the videos stay
+playable) and returns the summaries with ``interrupted=True``.
 
-FFmpeg's own log lines are silenced (``OPENCV_FFMPEG_LOGLEVEL=-8`` unless already set) so a bad
-source gives one clear error; set ``OPENCV_FFMPEG_LOGLEVEL=16`` to see FFmpeg's errors.
+Output paths with several sources: ``out`` and ``annotate`` must each hold ``{index}`` (the
+source's position among the ``--source`` options, from 0) or ``{name}`` (a file-name-safe word
+for it: a file's stem, ``video0``, a URL's host and path, ``pipeline``; see
+:func:`~.video_sources.short_name`), replaced per source; a path without either, or two sources
+or outputs landing on one file, is refused in one line before any source opens or model loads.
+With one source the placeholders are replaced too (index 0), and a path without them is used as
+given. Only these two words are replaced; other braces stay as written.
 """
 
 from __future__ import annotations
@@ -57,45 +51,54 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import signal
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ..runtime.drawing import draw_results
-from ..runtime.errors import InputError, first_line
-from ..runtime.images import load_image
+from ..runtime.errors import InputError
 from ..runtime.sampling import GenerationOptions
+from .video_sources import (  # noqa: F401  (frame_to_picture, FrameGrabber, ... are this app's API too)
+    Capture, Frame, FrameGrabber, Pacer, VideoSource, file_timestamp, frame_to_picture, masked, open_reader,
+    open_source, open_sources, opencv, short_name, source_kind,
+)
 
 VIDEO_CODECS = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".mkv": "mp4v", ".avi": "MJPG"}
-PROGRESS_EVERY = 50  # processed frames between progress lines
-_EPS = 1e-6  # seconds: container timestamps are not exact multiples (0.30000000000000004)
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-_CAMERA_INDEX = re.compile(r"^(?:/dev/video)?(\d+)$")
+PROGRESS_EVERY = 50  # processed frames of a source between its progress lines
+PLACEHOLDERS = ("{index}", "{name}")
+_IDLE_WAIT_S = 0.5  # longest sleep of a round without frames: keeps Ctrl-C responsive
 
 
 @dataclass(frozen=True)
 class CameraOptions:
-    """What ``camera`` runs. Values and output paths are checked here, before any model or source work."""
+    """What ``camera`` runs. Values and output paths are checked here, before any model or source work.
 
-    source: str
+    ``out`` and ``annotate`` are path templates (see the module docstring); :meth:`out_path` and
+    :meth:`annotate_path` give a source's file. ``max_batch`` caps the frames in one model call
+    (None: all due frames, up to the backend's own limit)."""
+
+    sources: tuple[str, ...]
     prompt: str
     every: int | None = None
     fps: float | None = None
     out: str | None = None
     annotate: str | None = None
-    max_frames: int | None = None
+    max_frames: int | None = None  # per source
+    max_batch: int | None = None
     generation: GenerationOptions = field(default_factory=GenerationOptions)
 
     def __post_init__(self):
-        if not isinstance(self.source, str) or not self.source.strip():
+        if isinstance(self.sources, str) or not isinstance(self.sources, (tuple, list)):
+            raise InputError(f"sources must be a tuple of --source strings, got {self.sources!r}")
+        object.__setattr__(self, "sources", tuple(self.sources))
+        if not self.sources or any(not isinstance(s, str) or not s.strip() for s in self.sources):
             raise InputError("give a --source: a camera index, /dev/videoN, a video file, a URL or a GStreamer pipeline")
         if self.every is not None and (not isinstance(self.every, int) or self.every < 1):
             raise InputError(f"--every must be at least 1, got {self.every}")
@@ -105,16 +108,52 @@ class CameraOptions:
             raise InputError("give --every or --fps, not both")
         if self.max_frames is not None and (not isinstance(self.max_frames, int) or self.max_frames < 1):
             raise InputError(f"--max-frames must be at least 1, got {self.max_frames}")
-        if self.out:
-            _check_writable(self.out, "the results")
-        if self.annotate:
-            _check_writable(self.annotate, "the annotated video")
-            suffix = Path(self.annotate).suffix.lower()
-            if suffix not in VIDEO_CODECS:
-                raise InputError(f"{self.annotate}: cannot write the annotated video (unknown video extension "
-                                 f"'{suffix}'; use one of {', '.join(sorted(VIDEO_CODECS))})")
-        if self.out and self.annotate and Path(self.out).resolve() == Path(self.annotate).resolve():
-            raise InputError("--out and --annotate name the same file")
+        if self.max_batch is not None and (not isinstance(self.max_batch, int) or self.max_batch < 1):
+            raise InputError(f"--max-batch must be at least 1, got {self.max_batch}")
+        self._check_outputs()
+
+    def out_path(self, index: int) -> str | None:
+        """Where source ``index`` writes its JSON lines (None: nowhere)."""
+        return _expand(self.out, index, self.sources[index])
+
+    def annotate_path(self, index: int) -> str | None:
+        """Where source ``index`` writes its annotated video (None: nowhere)."""
+        return _expand(self.annotate, index, self.sources[index])
+
+    def _check_outputs(self) -> None:
+        several = len(self.sources) > 1
+        for flag, template in (("--out", self.out), ("--annotate", self.annotate)):
+            if template and several and not any(p in template for p in PLACEHOLDERS):
+                raise InputError(f"{flag} {template}: with {len(self.sources)} sources it needs {{index}} or {{name}} "
+                                 "in the path, for one file per source (e.g. r-{name}.jsonl)")
+        owners: dict[Path, tuple[str, int]] = {}
+        for index in range(len(self.sources)):
+            out, annotate = self.out_path(index), self.annotate_path(index)
+            if out:
+                _check_writable(out, "the results")
+            if annotate:
+                _check_writable(annotate, "the annotated video")
+                suffix = Path(annotate).suffix.lower()
+                if suffix not in VIDEO_CODECS:
+                    raise InputError(f"{annotate}: cannot write the annotated video (unknown video extension "
+                                     f"'{suffix}'; use one of {', '.join(sorted(VIDEO_CODECS))})")
+            for flag, path in (("--out", out), ("--annotate", annotate)):
+                if not path:
+                    continue
+                key = Path(path).resolve()
+                if key in owners:
+                    other_flag, other = owners[key]
+                    if not several:
+                        raise InputError("--out and --annotate name the same file")
+                    raise InputError(f"{path}: {other_flag} of source {other} and {flag} of source {index} name "
+                                     "the same file (use {index} in the path)")
+                owners[key] = (flag, index)
+
+
+def _expand(template: str | None, index: int, source: str) -> str | None:
+    if not template:
+        return None
+    return template.replace("{index}", str(index)).replace("{name}", short_name(source))
 
 
 def _check_writable(path: str, what: str) -> None:
@@ -129,8 +168,8 @@ def _check_writable(path: str, what: str) -> None:
 
 @dataclass(frozen=True)
 class CameraSummary:
-    """What a camera run did. ``dropped`` = read - processed - skipped: frames replaced by a newer one
-    while the model was busy (live sources), or in flight when the run stopped."""
+    """What one source did in a camera run. ``dropped`` = read - processed - skipped: frames
+    replaced by a newer one while the model was busy (live sources), or in flight when the run stopped."""
 
     source: str
     live: bool
@@ -139,10 +178,10 @@ class CameraSummary:
     skipped: int
     dropped: int
     latencies_ms: tuple[float, ...]
-    seconds: float
+    seconds: float  # from the start of the run to this source's end
     out: str | None
     annotate: str | None  # None when no annotated video was written (not asked, or no frame processed)
-    stopped: str  # why the loop ended: "end of source", "max frames", "interrupted", or the source's error
+    stopped: str  # why the source ended: "end of source", "max frames", "interrupted", or the source's error
     interrupted: bool = False
 
     def latency_ms(self, percentile: float) -> float:
@@ -172,264 +211,34 @@ class CameraSummary:
         return "\n".join(lines)
 
 
-# -- sources ----------------------------------------------------------------------------------
-
-
-class Capture(Protocol):
-    """What the loop needs of a source: cv2.VideoCapture, or anything that reads frames like it."""
-
-    def read(self) -> tuple[bool, np.ndarray | None]: ...
-
-    def release(self) -> None: ...
-
-
 @dataclass(frozen=True)
-class VideoSource:
-    capture: Capture
-    name: str  # for messages (URL passwords masked)
-    live: bool
-    fps: float | None  # the rate the source reports, if any
-    size: tuple[int, int] | None = None  # width, height, if reported
+class CameraRun:
+    """A camera run: one summary per source, in ``--source`` order, and the batches it ran."""
 
-
-@dataclass(frozen=True)
-class Frame:
-    index: int
-    timestamp: float  # seconds: the file's timeline, or since a live source's first frame
-    image: np.ndarray  # as OpenCV gives it: BGR (or gray, or BGRA)
-    read_at: float  # time.monotonic() when it was read
-
-
-def source_kind(source: str) -> str:
-    """'camera', 'gstreamer', 'stream' (a URL) or 'file'."""
-    if "!" in source:
-        return "gstreamer"
-    if _CAMERA_INDEX.match(source.strip()) or source.startswith("/dev/"):
-        return "camera"
-    if _URL.match(source):
-        return "stream"
-    return "file"
-
-
-def masked(source: str) -> str:
-    """The source with a URL's password replaced by ***."""
-    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/@:]*):[^/@]*@", r"\1:***@", source)
-
-
-def _cv2():
-    try:
-        import cv2
-    except ImportError:
-        raise InputError("camera needs OpenCV: pip install 'paligemma-edge[apps]' "
-                         "(on a Jetson, JetPack's python3-opencv, which can open GStreamer pipelines)") from None
-    return cv2
-
-
-def open_source(source: str) -> VideoSource:
-    """Open a --source, or raise InputError with one line naming it."""
-    cv2 = _cv2()
-    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # FFmpeg's own lines would follow our one-line error
-    kind, name = source_kind(source), masked(source)
-    previous = cv2.utils.logging.getLogLevel()
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # OpenCV's warnings on a failed open
-    try:
-        capture, problem = _open_capture(cv2, source, kind, name)
-    finally:
-        cv2.utils.logging.setLogLevel(previous)
-    if not capture.isOpened():
-        capture.release()
-        raise InputError(problem)
-    fps = capture.get(cv2.CAP_PROP_FPS)
-    width, height = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
-    return VideoSource(capture, name, live=kind != "file", fps=fps if fps > 0 and math.isfinite(fps) else None,
-                       size=(width, height) if width > 0 and height > 0 else None)
-
-
-def _open_capture(cv2, source: str, kind: str, name: str):
-    if kind == "gstreamer":
-        if not cv2.videoio_registry.hasBackend(cv2.CAP_GSTREAMER):
-            raise InputError(f"GStreamer pipeline '{name}': this OpenCV was built without GStreamer (the PyPI wheel "
-                             "is; on a Jetson use JetPack's python3-opencv)")
-        return cv2.VideoCapture(source, cv2.CAP_GSTREAMER), (
-            f"GStreamer pipeline '{name}': cannot open it (try it with gst-launch-1.0, ending in fakesink)")
-    if kind == "camera":
-        index = _CAMERA_INDEX.match(source.strip())
-        capture = cv2.VideoCapture(int(index.group(1))) if index else cv2.VideoCapture(source, cv2.CAP_V4L2)
-        return capture, f"camera {name}: cannot open it (not connected, busy, or no such device; see ls /dev/video*)"
-    if kind == "stream":
-        return cv2.VideoCapture(source), f"{name}: cannot open the stream (check the URL, credentials and network)"
-    if not Path(source).is_file():
-        raise InputError(f"{name}: no such video file (or camera, URL, GStreamer pipeline)")
-    return cv2.VideoCapture(source), f"{name}: cannot read it as a video (unsupported or damaged file)"
-
-
-def file_timestamp(index: int, position_ms: float, fps: float | None) -> float:
-    """A file frame's time: the container's timestamp when the backend gives one, else index / fps."""
-    if math.isfinite(position_ms) and (position_ms > 0 or (index == 0 and position_ms == 0)):
-        return round(position_ms / 1000, 6)
-    return round(index / fps, 6) if fps else 0.0
-
-
-class _FileReader:
-    """A video file, frame after frame, on its own timeline."""
-
-    def __init__(self, source: VideoSource):
-        self._source = source
-        self._position = _cv2().CAP_PROP_POS_MSEC
-        self.frames_read = 0
-        self.error: str | None = None
-
-    def frames(self) -> Iterator[Frame]:
-        while True:
-            ok, image = self._source.capture.read()
-            if not ok or image is None:
-                return
-            position = self._source.capture.get(self._position)
-            frame = Frame(self.frames_read, file_timestamp(self.frames_read, position, self._source.fps), image,
-                          time.monotonic())
-            self.frames_read += 1
-            yield frame
-
-    def close(self) -> None:
-        self._source.capture.release()
-
-
-class FrameGrabber:
-    """Reads a live source on its own thread, keeping only the newest frame.
-
-    :meth:`take` hands out the newest frame not handed out before (waiting for one); frames read
-    while nobody takes them are replaced, so ``frames_read - frames_taken`` were dropped. The
-    thread ends when the source does (``read()`` fails or raises: see ``error``) or on :meth:`stop`.
-    """
-
-    def __init__(self, capture: Capture, clock: Callable[[], float] = time.monotonic):
-        self._capture = capture
-        self._clock = clock
-        self._ready = threading.Condition()
-        self._newest: Frame | None = None
-        self._stopping = threading.Event()
-        self._ended = False
-        self._thread = threading.Thread(target=self._run, name="camera-grabber", daemon=True)
-        self.frames_read = 0
-        self.frames_taken = 0
-        self.error: str | None = None
-
-    def start(self) -> "FrameGrabber":
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        origin = None
-        try:
-            while not self._stopping.is_set():
-                ok, image = self._capture.read()
-                if not ok or image is None:
-                    break
-                now = self._clock()
-                origin = now if origin is None else origin
-                with self._ready:
-                    self._newest = Frame(self.frames_read, round(now - origin, 6), image, now)
-                    self.frames_read += 1
-                    self._ready.notify_all()
-        except Exception as exc:  # a driver or decoder failure ends the source; the loop reports it
-            self.error = first_line(exc)
-        finally:
-            with self._ready:
-                self._ended = True
-                self._ready.notify_all()
+    summaries: tuple[CameraSummary, ...]
+    batches: int  # model calls (generate_batch)
+    seconds: float
 
     @property
-    def ended(self) -> bool:
-        """The source has ended and its last frame has been taken."""
-        with self._ready:
-            return self._ended and self._newest is None
-
-    def take(self, timeout: float | None = None) -> Frame | None:
-        """The newest frame not taken yet; None when the source has ended or ``timeout`` passed."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._ready:
-            while self._newest is None and not self._ended:
-                left = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
-                if left <= 0:
-                    return None
-                self._ready.wait(left)  # short waits keep Ctrl-C responsive
-            frame, self._newest = self._newest, None
-            if frame is not None:
-                self.frames_taken += 1
-            return frame
-
-    def stop(self, timeout: float = 2.0) -> bool:
-        """Ask the thread to end; True when it has (a source stuck in read() may outlive the timeout)."""
-        self._stopping.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-        return not self._thread.is_alive()
-
-
-class _LiveReader:
-    def __init__(self, source: VideoSource):
-        self._source = source
-        self._grabber = FrameGrabber(source.capture).start()
+    def interrupted(self) -> bool:
+        return any(s.interrupted for s in self.summaries)
 
     @property
-    def frames_read(self) -> int:
-        return self._grabber.frames_read
+    def processed(self) -> int:
+        return sum(s.processed for s in self.summaries)
 
-    @property
-    def error(self) -> str | None:
-        return self._grabber.error
-
-    def frames(self) -> Iterator[Frame]:
-        while True:
-            frame = self._grabber.take(timeout=0.5)
-            if frame is not None:
-                yield frame
-            elif self._grabber.ended:
-                return
-
-    def close(self) -> None:
-        if self._grabber.stop():  # releasing a capture another thread is reading can crash the driver
-            self._source.capture.release()
-
-
-# -- pacing -----------------------------------------------------------------------------------
-
-
-class Pacer:
-    """Which frames run: all, one at least ``every`` frames after the last run, or the first at or
-    after each 1/``fps``-second tick since the first frame seen."""
-
-    def __init__(self, every: int | None = None, fps: float | None = None):
-        self.every, self.fps = every, fps
-        self._next_index = 0
-        self._origin: float | None = None
-        self._next_time = 0.0
-
-    def due(self, index: int, timestamp: float) -> bool:
-        """Whether to run this frame; a True answer counts it as run."""
-        if self.every:
-            if index < self._next_index:
-                return False
-            self._next_index = index + self.every
-            return True
-        if self.fps:
-            self._origin = timestamp if self._origin is None else self._origin
-            elapsed = timestamp - self._origin
-            if elapsed < self._next_time - _EPS:
-                return False
-            self._next_time = (math.floor(elapsed * self.fps + _EPS) + 1) / self.fps
-        return True
+    def text(self) -> str:
+        """Each source's summary; with several, a last line on the batches."""
+        if len(self.summaries) == 1:
+            return self.summaries[0].text()
+        mean = self.processed / self.batches if self.batches else 0.0
+        return "\n\n".join(s.text() for s in self.summaries) + (
+            f"\n\n{len(self.summaries)} sources: {self.processed} frames in {self.batches} batches "
+            f"({mean:.2f} frames per batch), {self.processed / self.seconds if self.seconds > 0 else 0.0:.2f} "
+            f"frames/s over {self.seconds:.1f} s")
 
 
 # -- drawing and writing ----------------------------------------------------------------------
-
-
-def frame_to_picture(image: np.ndarray) -> Image.Image:
-    """An OpenCV frame (BGR, BGRA or gray) as the RGB PIL image the model sees, through the runtime's
-    loader. Video frames are opaque: a BGRA frame's fourth channel (0 on some capture backends) is dropped."""
-    if image.ndim == 3 and image.shape[2] >= 3:
-        image = image[:, :, 2::-1]  # BGR(A) -> RGB
-    return load_image(image)
 
 
 def annotate_picture(picture: Image.Image, objects: Sequence, caption: str) -> Image.Image:
@@ -488,7 +297,7 @@ class _AnnotatedVideo:
         self._size: tuple[int, int] | None = None
 
     def write(self, picture: Image.Image, rate: float) -> None:
-        cv2 = _cv2()
+        cv2 = opencv()
         if self._writer is None:
             fourcc = VIDEO_CODECS[Path(self.path).suffix.lower()]
             self._size = picture.size
@@ -537,73 +346,159 @@ def _interrupts_held():
 # -- the loop ---------------------------------------------------------------------------------
 
 
-def run_camera(model, options: CameraOptions, progress: Callable[[str], None] | None = None) -> CameraSummary:
-    """Open ``options.source`` and run ``options.prompt`` on its frames with a loaded model."""
+def run_camera(model, options: CameraOptions, progress: Callable[[str], None] | None = None) -> CameraRun:
+    """Open every source of ``options`` and run ``options.prompt`` on their frames with a loaded model."""
     model.check_can_parse([options.prompt])  # segment without a mask decoder fails before any frame
-    return run_on_source(model, open_source(options.source), options, progress)
+    return run_on_sources(model, open_sources(options.sources), options, progress)
 
 
-def run_on_source(model, source: VideoSource, options: CameraOptions,
-                  progress: Callable[[str], None] | None = None) -> CameraSummary:
-    """The loop over an opened source (released at the end): pace, generate, write, summarize."""
+def batch_limit(model, options: CameraOptions) -> int | None:
+    """Most frames in one model call: the option's and the backend's (TensorRT engines') limits."""
+    limits = [n for n in (options.max_batch, getattr(model.backend, "max_batch", None)) if n]
+    return min(limits) if limits else None
+
+
+def run_on_sources(model, sources: Sequence[VideoSource], options: CameraOptions,
+                   progress: Callable[[str], None] | None = None) -> CameraRun:
+    """The loop over opened sources, one per ``options.sources`` (all released at the end): take
+    the due frames, generate them as a batch, write, summarize."""
+    if len(sources) != len(options.sources):
+        raise ValueError(f"got {len(sources)} opened sources for {len(options.sources)} in the options")
     say = progress or (lambda _message: None)
-    model.check_can_parse([options.prompt])
-    reader = _LiveReader(source) if source.live else _FileReader(source)
-    results = video = None
-    latencies: list[float] = []
-    skipped, stopped, interrupted = 0, "end of source", False
+    wake = threading.Event()
+    lanes: list[_Lane] = []
     started = time.monotonic()
+    batches, interrupted = 0, False
     try:
-        results = _open_results(options.out) if options.out else None
-        video = _AnnotatedVideo(options.annotate) if options.annotate else None
-        pacer = Pacer(options.every, options.fps)
-        size = f", {source.size[0]}x{source.size[1]}" if source.size else ""
-        rate = f", {source.fps:g} fps" if source.fps else ""
-        say(f"camera: {source.name} ({'live' if source.live else 'file'}{size}{rate}), prompt '{options.prompt}'")
-        for frame in reader.frames():
-            if not pacer.due(frame.index, frame.timestamp):
-                skipped += 1
+        model.check_can_parse([options.prompt])
+        limit = batch_limit(model, options)
+        for index, source in enumerate(sources):
+            lanes.append(_Lane(index, source, options, wake, say, started))
+        for lane in lanes:
+            say(lane.heading())
+        active = list(lanes)
+        while active:
+            wake.clear()  # before polling: a frame arriving after the poll still wakes the wait below
+            due = [(lane, frame) for lane in active if (frame := lane.due_frame()) is not None]
+            with_frames = {id(lane) for lane, _ in due}
+            for lane in active:
+                if lane.reader.ended and id(lane) not in with_frames:  # its last frame, if any, runs first
+                    lane.finish(f"the source failed: {lane.reader.error}" if lane.reader.error else "end of source")
+            active = [lane for lane in active if lane.running]
+            if not due:
+                if active:
+                    wake.wait(_IDLE_WAIT_S)
                 continue
-            picture = frame_to_picture(frame.image)
-            result = model.generate(picture, options.prompt, options.generation)
-            latency_ms = (time.monotonic() - frame.read_at) * 1000
-            line = json.dumps({"frame": frame.index, "timestamp": frame.timestamp, "wall_time": round(time.time(), 6),
-                               "latency_ms": round(latency_ms, 3), "result": result.to_dict()})
-            annotated = (annotate_picture(picture, getattr(result, "objects", ()), _caption(frame, result, latency_ms))
-                         if video else None)
-            with _interrupts_held():
-                if video:
-                    video.write(annotated, _annotation_rate(options, source, latency_ms / 1000))
-                if results:
-                    results.write(line + "\n")
-                    results.flush()
-                latencies.append(latency_ms)
-            if len(latencies) % PROGRESS_EVERY == 0:
-                elapsed = time.monotonic() - started
-                say(f"processed {len(latencies)} frames ({reader.frames_read} read), "
-                    f"{len(latencies) / elapsed:.2f}/s, last {latency_ms:.0f} ms")
-            if options.max_frames and len(latencies) >= options.max_frames:
-                stopped = "max frames"
-                break
-        else:
-            stopped = f"the source failed: {reader.error}" if reader.error else "end of source"
+            for start in range(0, len(due), limit or len(due)):
+                _run_batch(model, due[start:start + (limit or len(due))], options)
+                batches += 1
+            active = [lane for lane in active if lane.running]
     except KeyboardInterrupt:
-        interrupted, stopped = True, "interrupted"
+        interrupted = True
     finally:
-        seconds = time.monotonic() - started
-        with _interrupts_held():  # a second Ctrl-C waits until the video is playable
-            reader.close()
+        with _interrupts_held():  # a second Ctrl-C waits until the videos are playable
+            for lane in lanes:
+                lane.close(interrupted)
+            for source in sources[len(lanes):]:  # never reached the loop (an output failed to open)
+                source.capture.release()
+    return CameraRun(tuple(lane.summary() for lane in lanes), batches, time.monotonic() - started)
+
+
+def _run_batch(model, due: list[tuple["_Lane", Frame]], options: CameraOptions) -> None:
+    """One model call on the due frames of several sources; each source writes its own result."""
+    pictures = [frame_to_picture(frame.image) for _, frame in due]
+    generations = model.generate_batch(pictures, [options.prompt] * len(due), options.generation)
+    for (lane, frame), picture, generation in zip(due, pictures, generations):
+        lane.record(frame, picture, model.structure(generation, *picture.size))
+
+
+class _Lane:
+    """One source in the loop: its reader, pacer, output files, counts and why it stopped."""
+
+    def __init__(self, index: int, source: VideoSource, options: CameraOptions, wake: threading.Event,
+                 say: Callable[[str], None], started: float):
+        self.source, self.options, self._say, self._started = source, options, say, started
+        self._prefix = f"{source.name}: " if len(options.sources) > 1 else ""
+        self.pacer = Pacer(options.every, options.fps)
+        self.out, self._annotate = options.out_path(index), options.annotate_path(index)
+        self.latencies: list[float] = []
+        self.skipped = 0
+        self.stopped: str | None = None
+        self.interrupted = False
+        self.seconds = 0.0
+        self._closed = False
+        self.results = _open_results(self.out) if self.out else None
+        self.video = _AnnotatedVideo(self._annotate) if self._annotate else None  # opens at its first frame
+        self.reader = open_reader(source, wake)  # last: a live source's grabber thread starts here
+
+    @property
+    def running(self) -> bool:
+        return self.stopped is None
+
+    def heading(self) -> str:
+        size = f", {self.source.size[0]}x{self.source.size[1]}" if self.source.size else ""
+        rate = f", {self.source.fps:g} fps" if self.source.fps else ""
+        return (f"camera: {self.source.name} ({'live' if self.source.live else 'file'}{size}{rate}), "
+                f"prompt '{self.options.prompt}'")
+
+    def due_frame(self) -> Frame | None:
+        """The next frame to run: a file reads on until one is due; a live source skips the newest if not due."""
+        while (frame := self.reader.next()) is not None:
+            if self.pacer.due(frame.index, frame.timestamp):
+                return frame
+            self.skipped += 1
+        return None
+
+    def record(self, frame: Frame, picture: Image.Image, result) -> None:
+        latency_ms = (time.monotonic() - frame.read_at) * 1000
+        line = json.dumps({"frame": frame.index, "timestamp": frame.timestamp, "wall_time": round(time.time(), 6),
+                           "latency_ms": round(latency_ms, 3), "result": result.to_dict()})
+        video = self.video
+        annotated = (annotate_picture(picture, getattr(result, "objects", ()), _caption(frame, result, latency_ms))
+                     if video else None)
+        with _interrupts_held():  # a frame's JSON line and video frame are written together
             if video:
-                video.close()
-            if results:
-                results.close()
-    frames_read = reader.frames_read
-    return CameraSummary(
-        source=source.name, live=source.live, frames_read=frames_read, processed=len(latencies), skipped=skipped,
-        dropped=frames_read - len(latencies) - skipped, latencies_ms=tuple(latencies), seconds=seconds,
-        out=options.out, annotate=options.annotate if video and video.frames else None, stopped=stopped,
-        interrupted=interrupted,
-    )
+                video.write(annotated, _annotation_rate(self.options, self.source, latency_ms / 1000))
+            if self.results:
+                self.results.write(line + "\n")
+                self.results.flush()
+            self.latencies.append(latency_ms)
+        processed = len(self.latencies)
+        if processed % PROGRESS_EVERY == 0:
+            elapsed = time.monotonic() - self._started
+            self._say(f"{self._prefix}processed {processed} frames ({self.reader.frames_read} read), "
+                      f"{processed / elapsed:.2f}/s, last {latency_ms:.0f} ms")
+        if self.options.max_frames and processed >= self.options.max_frames:
+            self.finish("max frames")
+
+    def finish(self, stopped: str) -> None:
+        """The source is done: release it and close its files now (the others go on)."""
+        self.stopped = stopped
+        with _interrupts_held():
+            self.close(False)
+
+    def close(self, interrupted: bool) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.stopped is None:
+            self.stopped = "interrupted" if interrupted else "end of source"
+            self.interrupted = interrupted
+        self.seconds = time.monotonic() - self._started
+        self.reader.close()
+        if self.video:
+            self.video.close()
+        if self.results:
+            self.results.close()
+
+    def summary(self) -> CameraSummary:
+        frames_read, processed = self.reader.frames_read, len(self.latencies)
+        return CameraSummary(
+            source=self.source.name, live=self.source.live, frames_read=frames_read, processed=processed,
+            skipped=self.skipped, dropped=frames_read - processed - self.skipped, latencies_ms=tuple(self.latencies),
+            seconds=self.seconds, out=self.out, annotate=self._annotate if self.video and self.video.frames else None,
+            stopped=self.stopped or "end of source", interrupted=self.interrupted,
+        )
 
 
 def _open_results(path: str):

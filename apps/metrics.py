@@ -33,7 +33,7 @@ class ServerMetrics:
             self.generated_tokens += tokens
             self.last_tokens_per_s = tokens_per_s
 
-    def render(self, queue_depth: int) -> str:
+    def render(self, queue_depth: int, batches: int = 0, batched_requests: int = 0) -> str:
         with self._lock:
             lines = [
                 f"# HELP {PREFIX}_requests_total HTTP requests by route and status code.",
@@ -64,5 +64,11 @@ class ServerMetrics:
                 f"# HELP {PREFIX}_queue_depth Generate requests waiting for or using the model.",
                 f"# TYPE {PREFIX}_queue_depth gauge",
                 f"{PREFIX}_queue_depth {queue_depth}",
+                f"# HELP {PREFIX}_batches_total Batched generations the model ran (dynamic batching).",
+                f"# TYPE {PREFIX}_batches_total counter",
+                f"{PREFIX}_batches_total {batches}",
+                f"# HELP {PREFIX}_batched_requests_total Requests those batches ran; over batches_total: mean batch size.",
+                f"# TYPE {PREFIX}_batched_requests_total counter",
+                f"{PREFIX}_batched_requests_total {batched_requests}",
             ]
         return "\n".join(lines) + "\n"

@@ -5,7 +5,8 @@ Routes: ``POST /v1/generate`` (multipart: ``image`` + ``prompt`` or ``task`` wit
 ``GET /v1/info``, ``GET /metrics`` (Prometheus text), ``GET /healthz``, and the kiosk page at
 ``/`` (served from the package: no CDN, works offline). With a token, the API routes and
 /metrics need ``Authorization: Bearer TOKEN``; /healthz and the page stay open (the page asks
-for the token). Requests queue to one model thread (see worker.py).
+for the token). Requests queue to one model thread, which runs the requests waiting together as one
+batch (at most ``max_batch``, waiting up to ``batch_wait_ms`` for more: see worker.py).
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ from ..runtime.errors import InputError, PaliGemmaEdgeError
 from ..runtime.model import PaliGemma, load
 from ..runtime.images import ImageTooLargeError, load_image
 from ..runtime.sampling import GenerationOptions
-from ..runtime.tasks import LANGUAGES, TASKS, build_prompt
+from ..runtime.tasks import LANGUAGES, TASKS, resolve_prompt
 from . import openai_api
 from .metrics import ServerMetrics
-from .worker import Cancelled, DeadlineExceeded, Job, ModelWorker, QueueFull
+from .worker import Cancelled, DeadlineExceeded, Job, ModelWorker, QueueFull, WorkerClosed
 
 log = logging.getLogger("paligemma_edge.serve")
 STATIC_FILES = {"index.html": "text/html", "kiosk.js": "text/javascript", "kiosk.css": "text/css"}
@@ -57,7 +58,15 @@ class ServerOptions:
     max_new_tokens: int = 256
     request_timeout_s: float = 120.0
     max_queue: int = 32
+    max_batch: int = 8
+    batch_wait_ms: float = 0.0
     allow_remote_images: bool = False
+
+    def __post_init__(self):
+        if self.max_batch < 1:
+            raise InputError(f"--max-batch must be at least 1, got {self.max_batch}")
+        if not 0 <= self.batch_wait_ms <= 10_000:
+            raise InputError(f"--batch-wait-ms must be 0..10000, got {self.batch_wait_ms}")
 
     @property
     def max_upload_bytes(self) -> int:
@@ -93,22 +102,6 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         raise HTTPProblem(415, str(exc)) from None
 
 
-def resolve_prompt(prompt: str | None, task: str | None, lang: str | None, question: str | None,
-                   objects: str | None) -> str:
-    blank = lambda value: value is None or not value.strip()
-    if not blank(prompt) and not blank(task):
-        raise InputError("give either 'prompt' or 'task', not both")
-    if not blank(task):
-        return build_prompt(task.strip(), lang=None if blank(lang) else lang.strip(),
-                            question=None if blank(question) else question,
-                            objects=None if blank(objects) else objects)
-    if not (blank(lang) and blank(question) and blank(objects)):
-        raise InputError("'lang', 'question' and 'objects' go with 'task'")
-    if blank(prompt):
-        raise InputError("give a 'prompt' or a 'task'")
-    return prompt.strip()
-
-
 def bundle_info(model: PaliGemma, options: ServerOptions) -> dict:
     manifest = model.manifest
     return {
@@ -126,7 +119,8 @@ def bundle_info(model: PaliGemma, options: ServerOptions) -> dict:
                   for name, t in TASKS.items()},
         "languages": sorted(LANGUAGES),
         "limits": {"max_upload_bytes": options.max_upload_bytes, "max_image_pixels": options.max_image_pixels,
-                   "max_new_tokens": options.max_new_tokens, "request_timeout_s": options.request_timeout_s},
+                   "max_new_tokens": options.max_new_tokens, "request_timeout_s": options.request_timeout_s,
+                   "max_batch": options.max_batch, "batch_wait_ms": options.batch_wait_ms},
         "auth": options.token is not None,
     }
 
@@ -141,6 +135,8 @@ def _failure(exc: BaseException) -> tuple[int, str]:
         return 422, str(exc)
     if isinstance(exc, QueueFull):
         return 503, f"server busy: {exc}"
+    if isinstance(exc, WorkerClosed):
+        return 503, str(exc)
     if isinstance(exc, DeadlineExceeded):
         return (504 if exc.started else 503), str(exc)
     if isinstance(exc, Cancelled):
@@ -150,7 +146,7 @@ def _failure(exc: BaseException) -> tuple[int, str]:
 
 
 def create_app(model: PaliGemma, options: ServerOptions) -> FastAPI:
-    worker = ModelWorker(model, options.max_queue)
+    worker = ModelWorker(model, options.max_queue, options.max_batch, options.batch_wait_ms)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -221,7 +217,8 @@ def create_app(model: PaliGemma, options: ServerOptions) -> FastAPI:
 
     @app.get("/metrics")
     async def v1_metrics():
-        return PlainTextResponse(metrics.render(worker.queue_depth), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(metrics.render(worker.queue_depth, worker.stats.batches,
+                                                 worker.stats.requests), media_type="text/plain; version=0.0.4")
 
     @app.get("/", response_class=HTMLResponse)
     async def kiosk():
@@ -285,8 +282,8 @@ def create_app(model: PaliGemma, options: ServerOptions) -> FastAPI:
         job.on_token = lambda chunk: loop.call_soon_threadsafe(events.put_nowait, ("token", chunk))
         try:
             future = worker.submit(job)
-        except QueueFull as exc:
-            yield "error", (503, f"server busy: {exc}")
+        except (QueueFull, WorkerClosed) as exc:
+            yield "error", _failure(exc)
             return
         future.add_done_callback(lambda f: loop.call_soon_threadsafe(events.put_nowait, ("done", f)))
         try:

@@ -1,5 +1,8 @@
 """``export_bundle``: checkpoint -> graphs, embedding, tokenizer, manifest; validated, then renamed into place.
 
+MODEL is a full checkpoint or a PEFT adapter directory (see ``adapter``): an adapter is applied to
+its base, the unmerged PEFT model gives the reference logits, and the merged model is exported.
+
 The bundle is assembled in a temporary directory beside the output and renamed only
 after validation passed, so an interrupted or failed export never leaves a bundle that loads.
 """
@@ -20,12 +23,13 @@ from ..runtime.bundle_writer import check_output, package_versions, staged_bundl
 from ..runtime.errors import InputError
 from ..runtime.manifest import EmbeddingSpec, Manifest, MaskDecoderSpec
 from ..runtime.mask_decoder import MaskDecoder
+from .adapter import adapter_record, is_adapter_dir, load_adapted, merge_adapter, read_adapter
 from .checkpoint import decoder_spec, load_checkpoint
 
 Progress = Callable[[str], None]
 
 DEFAULT_TEXT_TOKENS = 512
-EXPORT_PACKAGES = ("paligemma-edge", "torch", "transformers", "onnx", "onnxscript", "onnxruntime", "tokenizers")
+EXPORT_PACKAGES = ("paligemma-edge", "torch", "transformers", "peft", "onnx", "onnxscript", "onnxruntime", "tokenizers")
 DEFAULT_TOLERANCE = 1e-3
 
 
@@ -35,6 +39,7 @@ class ExportOptions:
     tolerance: float = DEFAULT_TOLERANCE  # max |delta logit| ONNX Runtime vs PyTorch, relative to max |logit|
     overwrite: bool = False
     mask_decoder: Path | None = None  # a vae-oid.npz, carried into the bundle for segmentation
+    base: str | None = None  # an adapter's base checkpoint (dir or hub id); default: its adapter_config.json's
 
 
 def export_bundle(model: str, output: str | Path, options: ExportOptions = ExportOptions(),
@@ -47,21 +52,32 @@ def export_bundle(model: str, output: str | Path, options: ExportOptions = Expor
     if not (options.tolerance > 0 and math.isfinite(options.tolerance)):
         raise InputError(f"--tolerance must be a positive number, got {options.tolerance}")
     check_output(output, options.overwrite)
+    if options.base is not None and not is_adapter_dir(model):
+        raise InputError(f"--base applies to a PEFT adapter directory; {model} has no adapter_config.json")
+    adapter = read_adapter(model, options.base) if is_adapter_dir(model) else None
     mask_decoder = MaskDecoder.from_npz(options.mask_decoder) if options.mask_decoder else None
     started = time.perf_counter()
 
     def step(message: str) -> None:
         progress(f"[{time.perf_counter() - started:6.1f}s] {message}")
 
-    step(f"loading checkpoint {model}")
-    checkpoint = load_checkpoint(model)
+    if adapter is None:
+        step(f"loading checkpoint {model}")
+        checkpoint = load_checkpoint(model)
+    else:
+        step(f"loading base {adapter.base} and {adapter.peft_type} adapter {model} "
+             f"(rank {adapter.rank}, targets {', '.join(adapter.target_modules)})")
+        checkpoint = load_adapted(adapter)
     image_tokens = checkpoint.image.num_tokens
     max_seq_len = options.max_seq_len or image_tokens + DEFAULT_TEXT_TOKENS
     if max_seq_len <= image_tokens + 2:
         raise InputError(f"--max-seq-len must exceed the {image_tokens} image tokens plus <bos> and a token of text")
+    step("computing PyTorch reference logits for validation" + (" (PEFT model, adapter unmerged)" if adapter else ""))
+    reference = reference_outputs(checkpoint, "transformers + peft (adapter unmerged)" if adapter else "transformers")
+    if adapter is not None:
+        step("merging the adapter into the base weights")
+        checkpoint = merge_adapter(checkpoint)
     spec = decoder_spec(checkpoint.model, max_seq_len)
-    step("computing PyTorch reference logits for validation")
-    reference = reference_outputs(checkpoint)
 
     with staged_bundle(output, options.overwrite) as staging:
         step("exporting vision graph (SigLIP + projector)")
@@ -83,6 +99,7 @@ def export_bundle(model: str, output: str | Path, options: ExportOptions = Expor
             vision_graph=vision, decoder_graph=decoder,
             embedding=EmbeddingSpec(file="embedding.npy", dtype="float32", shape=tuple(weight.shape)),
             tokenizer="tokenizer.json", files={}, versions=package_versions(EXPORT_PACKAGES), mask_decoder=mask_spec,
+            adapter=adapter_record(adapter, checkpoint) if adapter else None,
         )
         manifest = write_manifest(staging, manifest)
         # The PyTorch model goes before ONNX Runtime loads the bundle: at 3B both would not fit in 24 GB.

@@ -97,15 +97,18 @@ def decoder_spec(model, max_seq_len: int) -> DecoderSpec:
     )
 
 
+def looks_like_hub_id(model_ref: str) -> bool:
+    """'owner/name' that is not a path here: loaded from the hub, where the network allows."""
+    return not Path(model_ref).exists() and model_ref.count("/") == 1 and not model_ref.startswith((".", "/"))
+
+
 def load_checkpoint(model_ref: str) -> Checkpoint:
     """Load MODEL (a local directory, or a hub id where the network allows) in fp32 on the CPU."""
     import torch
     from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
 
-    path = Path(model_ref)
-    looks_like_hub_id = not path.exists() and model_ref.count("/") == 1 and not model_ref.startswith((".", "/"))
-    if not looks_like_hub_id:
-        _check_local_dir(path)
+    if not looks_like_hub_id(model_ref):
+        _check_local_dir(Path(model_ref))
     try:
         # The PIL backend: the runtime resizes with PIL, and transformers would pick its torchvision
         # backend (antialiased resize, different pixels) whenever torchvision is importable.

@@ -41,6 +41,7 @@ class ValidationReport:
     largest reference logit (at least 1): max |delta| <= tolerance * max(1, max |logit|)."""
 
     prompt: str
+    reference: str  # what the logits were compared with: "transformers", or the unmerged PEFT model
     pixel_max_abs_diff: float
     prefill_max_abs_logit_diff: float
     decode_max_abs_logit_diff: float
@@ -62,6 +63,7 @@ class Reference:
     """What the PyTorch model and its processor give on the validation inputs, computed before the
     bundle is run so that the model can be released first (a 3B model and its bundle need not both fit)."""
 
+    model: str  # what computed them, recorded in the report
     image: Image.Image
     pixel_values: np.ndarray
     prompt_ids: dict[str, list[int]]
@@ -86,8 +88,11 @@ def _reference_logits(model, inputs: dict, next_token: int | None) -> np.ndarray
     return out.logits[:, -1, :].float().numpy()
 
 
-def reference_outputs(checkpoint: Checkpoint) -> Reference:
-    """The processor's pixels and prompt ids and the model's prefill and next-step logits on a seeded image."""
+def reference_outputs(checkpoint: Checkpoint, model: str = "transformers") -> Reference:
+    """The processor's pixels and prompt ids and the model's prefill and next-step logits on a seeded image.
+
+    ``checkpoint.model`` is any module called like PaliGemmaForConditionalGeneration: the model
+    itself, or a PEFT model wrapping it (``model`` names which, for the report)."""
     rng = np.random.default_rng(0)
     size = checkpoint.image
     image = Image.fromarray(rng.integers(0, 256, (size.height + 13, size.width + 7, 3), dtype=np.uint8))
@@ -98,7 +103,7 @@ def reference_outputs(checkpoint: Checkpoint) -> Reference:
     prefill_logits = _reference_logits(checkpoint.model, inputs, None)
     next_token = int(np.argmax(prefill_logits[0]))
     return Reference(
-        image=image, pixel_values=inputs["pixel_values"].numpy(), prompt_ids=prompt_ids,
+        model=model, image=image, pixel_values=inputs["pixel_values"].numpy(), prompt_ids=prompt_ids,
         prefill_logits=prefill_logits, next_token=next_token,
         decode_logits=_reference_logits(checkpoint.model, inputs, next_token),
     )
@@ -128,8 +133,8 @@ def validate_bundle(bundle_dir: Path, manifest: Manifest, reference: Reference, 
     scale = float(max(np.abs(reference.prefill_logits).max(), np.abs(reference.decode_logits).max()))
     allowed = tolerance * max(1.0, scale)
     report = ValidationReport(
-        prompt=SAMPLE_PROMPT, pixel_max_abs_diff=pixel_diff, prefill_max_abs_logit_diff=prefill_diff,
-        decode_max_abs_logit_diff=decode_diff, reference_max_abs_logit=scale,
+        prompt=SAMPLE_PROMPT, reference=reference.model, pixel_max_abs_diff=pixel_diff,
+        prefill_max_abs_logit_diff=prefill_diff, decode_max_abs_logit_diff=decode_diff, reference_max_abs_logit=scale,
         top1_agrees=bool(np.argmax(logits[0]) == next_token
                          and np.argmax(decode_logits[0]) == np.argmax(reference.decode_logits[0])),
         tolerance=tolerance, passed=max(prefill_diff, decode_diff) <= allowed,

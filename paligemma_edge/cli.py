@@ -70,6 +70,8 @@ def _needed_extra(args) -> extras.Need | None:
     """The optional extra the parsed command needs (checked in main before the command imports it)."""
     if args.command == "bench" and args.bundles:
         return None  # existing bundles: runtime rows only, no torch
+    if args.command == "eval" and args.dataset != "shapes":
+        return extras.Need("eval", extras.EXTRA_MODULES["eval"], "eval --dataset shapes runs without it")
     return extras.COMMAND_NEEDS.get(args.command)
 
 
@@ -89,9 +91,25 @@ def _cmd_export(args) -> int:
 
     options = export.ExportOptions(
         max_seq_len=args.max_seq_len, tolerance=args.tolerance, overwrite=args.force,
-        mask_decoder=Path(args.mask_decoder) if args.mask_decoder else None,
+        mask_decoder=Path(args.mask_decoder) if args.mask_decoder else None, base=args.base,
     )
     export.export_bundle(args.model, args.output, options, progress=args.progress)
+    return 0
+
+
+def _cmd_finetune(args) -> int:
+    from .finetune.options import FinetuneOptions
+    from .finetune.run import finetune
+
+    options = FinetuneOptions(
+        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, target=args.target, full=args.full,
+        freeze_vision=args.freeze_vision, epochs=args.epochs, steps=args.steps, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, seed=args.seed,
+        log_every=args.log_every, eval_every=args.eval_every, eval_lines=args.eval_lines, save_every=args.save_every,
+        resume=args.resume, merge=args.merge, overwrite=args.force, device=args.device, bf16=args.bf16)
+    result = finetune(args.base, args.dataset, args.output, options, progress=args.progress)
+    print(f"wrote {result.kind} to {result.output}: loss {result.first_loss:.4f} -> {result.final_loss:.4f} "
+          f"in {result.steps} steps ({result.seconds:.0f} s)")
     return 0
 
 
@@ -121,21 +139,62 @@ def _cmd_compare(args) -> int:
 
 
 def _cmd_eval(args) -> int:
+    if args.dataset == "shapes":
+        return _eval_shapes(args)
+    from .evaluation.evaluate import EvalOptions, evaluate_dataset, load_eval_dataset, write_outputs
+    from .runtime.model import load
+
+    dataset = load_eval_dataset(args.dataset)  # a bad line refuses the dataset here, before the bundle loads
+    options = EvalOptions(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.n)
+    shown = [0]
+
+    def progress(done: int, total: int) -> None:
+        if done == total or done - shown[0] >= 100:
+            shown[0] = done
+            args.progress(f"evaluated {done}/{total} lines")
+
+    with load(args.bundle, backend=args.backend, threads=args.threads) as model:
+        report = evaluate_dataset(model, dataset, options, progress=progress)
+    print(report.table(), end="")
+    for path in write_outputs(report, args.json, args.markdown, args.misses):
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _eval_shapes(args) -> int:
     from .runtime.model import load
     from .shapes.evaluate import evaluate_shapes, write_report
+
+    if args.markdown or args.misses:
+        raise InputError("--markdown and --misses go with --dataset PATH; shapes writes everything to --json")
+    n = args.n or 200
 
     def progress(done: int, total: int) -> None:
         if done == total or done % 25 == 0:
             args.progress(f"evaluated {done}/{total} scenes")
 
     with load(args.bundle, backend=args.backend, threads=args.threads) as model:
-        report = evaluate_shapes(model, n=args.n, keep_examples=bool(args.json), progress=progress)
+        report = evaluate_shapes(model, n=n, keep_examples=bool(args.json), progress=progress)
     print(f"{args.dataset}: {report.scenes} held-out scenes, {report.seconds:.1f} s")
     print(report.table())
     if args.json:
         write_report(report, args.json)
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
+
+
+def _cmd_dataset_check(args) -> int:
+    from .evaluation.datasets import check_dataset
+
+    summary = check_dataset(args.path)
+    print(summary.text())
+    if args.json:
+        try:
+            Path(args.json).write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+        except OSError as exc:
+            raise InputError(f"{args.json}: cannot write ({exc})") from None
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0 if summary.ok else 1
 
 
 def _cmd_bench(args) -> int:
@@ -266,7 +325,7 @@ def _cmd_inspect(args) -> int:
 
 
 def _cmd_camera(args) -> int:
-    from .apps.camera import CameraOptions, open_source, run_on_source
+    from .apps.camera import CameraOptions, open_sources, run_on_sources
     from .runtime.model import load
     from .runtime.sampling import GenerationOptions
 
@@ -276,14 +335,14 @@ def _cmd_camera(args) -> int:
     if args.every is not None and args.fps is not None:
         raise InputError("give --every or --fps, not both")
     options = CameraOptions(
-        source=args.source, prompt=prompts[0], every=args.every, fps=args.fps, out=args.out,
-        annotate=args.annotate, max_frames=args.max_frames,
+        sources=tuple(args.source), prompt=prompts[0], every=args.every, fps=args.fps, out=args.out,
+        annotate=args.annotate, max_frames=args.max_frames, max_batch=args.max_batch,
         generation=GenerationOptions(max_new_tokens=args.max_new_tokens),
     )
-    source = open_source(options.source)  # a bad source fails before a large model loads
+    sources = open_sources(options.sources)  # a bad source fails before a large model loads
     with load(args.bundle, backend=args.backend, verify=not args.no_verify, threads=args.threads) as model:
-        summary = run_on_source(model, source, options, progress=args.progress)
-    print(summary.text())
+        run = run_on_sources(model, sources, options, progress=args.progress)
+    print(run.text())
     return 0
 
 
@@ -295,7 +354,26 @@ def _cmd_serve(args) -> int:
         token=args.token, verify=not args.no_verify, max_upload_mb=args.max_upload_mb,
         max_image_pixels=args.max_image_pixels, max_new_tokens=args.max_new_tokens,
         request_timeout_s=args.request_timeout, allow_remote_images=args.allow_remote_images,
+        max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
     ), progress=args.progress)
+
+
+def _cmd_triton_repo(args) -> int:
+    from .apps.triton_io import ServingLimits
+    from .apps.triton_repo import TritonRepoOptions, write_triton_repository
+
+    options = TritonRepoOptions(
+        backend=args.backend, max_batch=args.max_batch, instances=args.instances, stream=args.stream, name=args.name,
+        bundle_path=args.bundle_path, max_queue_delay_us=round(args.queue_delay_ms * 1000), threads=args.threads,
+        verify=args.verify, force=args.force,
+        limits=ServingLimits(max_new_tokens=args.max_new_tokens,
+                             default_max_new_tokens=min(ServingLimits.default_max_new_tokens, args.max_new_tokens)),
+    )
+    model_dir = write_triton_repository(args.bundle, args.output, options)
+    print(f"wrote {model_dir} ({options.kind}, max batch {options.max_batch}, {options.instances} instance(s)"
+          f"{', streaming' if options.stream else ''}); serve it with: "
+          f"tritonserver --model-repository {model_dir.parent}")
+    return 0
 
 
 def _check_drawing_target(path: str, images: int) -> None:
@@ -346,7 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     export = commands.add_parser("export", help="export a checkpoint to a bundle (ONNX graphs + manifest)")
-    export.add_argument("model", help="local Hugging Face checkpoint directory (or a hub id, where the network allows)")
+    export.add_argument("model", help="local Hugging Face checkpoint directory or PEFT (LoRA) adapter directory "
+                        "(or a hub id, where the network allows)")
     export.add_argument("--output", "-o", required=True, help="bundle directory to create")
     export.add_argument("--max-seq-len", type=_positive_int, help="longest prompt + answer, in tokens "
                         "(default: image tokens + 512)")
@@ -356,7 +435,41 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--force", action="store_true", help="replace an existing bundle at --output")
     export.add_argument("--mask-decoder", metavar="vae-oid.npz",
                         help="big_vision's VQ-VAE mask decoder weights, carried into the bundle for segment")
+    export.add_argument("--base", metavar="DIR", help="base checkpoint of a PEFT adapter directory (default: the "
+                        "base_model_name_or_path in its adapter_config.json)")
     export.set_defaults(handler=_cmd_export)
+
+    ft = commands.add_parser("finetune", help="fine-tune a checkpoint on a PaliGemma JSONL dataset (LoRA via peft, or --full)")
+    ft.add_argument("base", help="checkpoint folder (or hub id where the network allows)")
+    ft.add_argument("--dataset", required=True, metavar="PATH[:split]",
+                    help="trains on train, evaluates on valid; PATH:split trains on that split")
+    ft.add_argument("-o", "--output", required=True, help="adapter folder (or checkpoint with --merge / --full) to write")
+    ft.add_argument("--lora-rank", type=_positive_int, default=16)
+    ft.add_argument("--lora-alpha", type=float, default=32.0)
+    ft.add_argument("--target", choices=("attention", "attention+mlp", "all"), default="attention",
+                    help="LoRA on the language model's attention (default), + its MLP, or all linears (vision too)")
+    ft.add_argument("--full", action="store_true", help="train every weight, no adapters")
+    ft.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True,
+                    help="keep the vision tower and projector frozen (default on)")
+    ft.add_argument("--merge", action="store_true", help="write a full checkpoint with the adapters merged in")
+    ft.add_argument("--epochs", type=float, default=1.0)
+    ft.add_argument("--steps", type=_positive_int, help="optimizer steps (wins over --epochs)")
+    ft.add_argument("--batch-size", type=_positive_int, default=4)
+    ft.add_argument("--grad-accum", type=_positive_int, default=1)
+    ft.add_argument("--lr", type=float, default=2e-4)
+    ft.add_argument("--warmup", type=int, help="warmup steps (default 5%% of the steps)")
+    ft.add_argument("--weight-decay", type=float, default=0.0)
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--log-every", type=_positive_int, default=10)
+    ft.add_argument("--eval-every", type=int, default=0, help="steps between valid evals (0: at the end only)")
+    ft.add_argument("--eval-lines", type=_positive_int, default=16)
+    ft.add_argument("--save-every", type=int, default=0,
+                    help="steps between resumable checkpoints in OUTPUT.checkpoints/")
+    ft.add_argument("--resume", action="store_true", help="continue from OUTPUT.checkpoints/last.pt")
+    ft.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    ft.add_argument("--bf16", choices=("auto", "on", "off"), default="auto")
+    ft.add_argument("--force", action="store_true", help="replace OUTPUT")
+    ft.set_defaults(handler=_cmd_finetune)
 
     quantize = commands.add_parser("quantize", help="write an fp16, int8 or int4 bundle from an fp32 bundle")
     quantize.add_argument("bundle", help="fp32 bundle directory (left untouched)")
@@ -398,12 +511,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="task accuracy of a bundle on a held-out dataset")
     evaluate.add_argument("bundle", help="bundle directory (any precision)")
-    evaluate.add_argument("--dataset", choices=("shapes",), default="shapes",
-                          help="shapes: the generated scenes paligemma-shapes was trained on (held-out split)")
-    evaluate.add_argument("--n", type=_positive_int, default=200, help="scenes to evaluate (default 200)")
+    evaluate.add_argument("--dataset", default="shapes", metavar="shapes|PATH[:split]",
+                          help="shapes (default): the generated scenes paligemma-shapes was trained on (held-out "
+                               "split); or a PaliGemma JSONL dataset (Roboflow export, maestro split folders, a "
+                               ".jsonl file): its test split (else valid) unless PATH:split names one")
+    evaluate.add_argument("--n", type=_positive_int,
+                          help="shapes: scenes to evaluate (default 200); PATH: the first N lines (default all)")
+    evaluate.add_argument("--max-new-tokens", type=_positive_int, default=256, help="PATH: longest answer (default 256)")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=8,
+                          help="PATH: prompts on one picture run as one batch (default 8)")
     _add_backend_arguments(evaluate, verify=False)
-    evaluate.add_argument("--json", metavar="OUT.json", help="write the metrics and every answer as JSON")
+    evaluate.add_argument("--json", metavar="OUT.json", help="write the metrics (shapes: and every answer) as JSON")
+    evaluate.add_argument("--markdown", metavar="OUT.md", help="PATH: write the metrics table as markdown")
+    evaluate.add_argument("--misses", metavar="OUT.jsonl", help="PATH: write every missed line, one JSON object a line")
     evaluate.set_defaults(handler=_cmd_eval)
+
+    dataset = commands.add_parser("dataset", help="PaliGemma JSONL datasets: Roboflow exports, maestro split folders")
+    dataset_actions = dataset.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=_Parser)
+    check = dataset_actions.add_parser("check", help="lines per split and task kind, and every problem as file:line")
+    check.add_argument("path", metavar="PATH[:split]", help="dataset folder or .jsonl file; PATH:split checks one split")
+    check.add_argument("--json", metavar="OUT.json", help="also write the counts and problems as JSON")
+    check.set_defaults(handler=_cmd_dataset_check)
 
     bench = commands.add_parser("bench", help="latency, throughput, memory and size against transformers")
     source = bench.add_mutually_exclusive_group(required=True)
@@ -467,20 +595,53 @@ def build_parser() -> argparse.ArgumentParser:
                        help="cap on a request's max_new_tokens (default 256)")
     serve.add_argument("--request-timeout", type=float, default=120.0,
                        help="seconds a request may wait and run before it fails with 503/504 (default 120)")
+    serve.add_argument("--max-batch", type=_positive_int, default=8,
+                       help="run up to N waiting requests as one batch (default 8; 1: one at a time)")
+    serve.add_argument("--batch-wait-ms", type=float, default=0.0,
+                       help="when a batch has room, wait up to this long for more requests (default 0: "
+                            "batch only what is already waiting)")
     serve.add_argument("--allow-remote-images", action="store_true",
                        help="let /v1/chat/completions fetch http(s) image_url pictures (default: data: URLs only)")
     serve.set_defaults(handler=_cmd_serve)
 
+    triton = commands.add_parser("triton-repo", help="a Triton Inference Server model repository that serves a bundle")
+    triton.add_argument("bundle", help="bundle directory")
+    triton.add_argument("--output", "-o", required=True, metavar="REPO", help="model repository folder to write")
+    triton.add_argument("--backend", default="onnxruntime",
+                        help="runtime backend the server loads the bundle on: onnxruntime (default, KIND_CPU), "
+                             "tensorrt, tensorrt-rtx, onnxruntime-cuda, onnxruntime-tensorrt (KIND_GPU)")
+    triton.add_argument("--max-batch", type=_positive_int, default=8,
+                        help="Triton's max_batch_size and preferred batch size (default 8)")
+    triton.add_argument("--instances", type=_positive_int, default=1, help="model instances (per GPU for GPU backends)")
+    triton.add_argument("--stream", action="store_true",
+                        help="decoupled model: one response per token, then the result (gRPC streaming)")
+    triton.add_argument("--name", default="paligemma", help="model name in the repository (default paligemma)")
+    triton.add_argument("--bundle-path", help="the bundle's path on the server, e.g. inside a container "
+                                              "(default: BUNDLE's absolute path)")
+    triton.add_argument("--threads", type=_positive_int, help="CPU threads per instance for the backend")
+    triton.add_argument("--max-new-tokens", type=_positive_int, default=256,
+                        help="cap on a request's MAX_NEW_TOKENS (default 256; 128 when a request gives none)")
+    triton.add_argument("--queue-delay-ms", type=float, default=10.0,
+                        help="how long Triton may hold a request to fill a batch (default 10)")
+    triton.add_argument("--verify", action="store_true",
+                        help="check the bundle's sha256s each time an instance loads it (default: off)")
+    triton.add_argument("--force", action="store_true", help="replace an existing REPO")
+    triton.set_defaults(handler=_cmd_triton_repo)
+
     camera = commands.add_parser("camera", help="run a task on frames from a camera, video file, RTSP URL or GStreamer pipeline")
     camera.add_argument("bundle", help="bundle directory")
-    camera.add_argument("--source", required=True,
-                        help="camera index (0), /dev/videoN, a video file, an rtsp:// URL or a GStreamer pipeline")
+    camera.add_argument("--source", required=True, action="append",
+                        help="camera index (0), /dev/videoN, a video file, an rtsp:// URL or a GStreamer pipeline; "
+                             "repeat for several sources, run batched (then --out and --annotate need {index} or {name})")
     _add_prompt_arguments(camera, "free prompt text instead of --task")
     camera.add_argument("--every", type=_positive_int, help="run on every Nth frame")
     camera.add_argument("--fps", type=float, help="run at most this many times a second, dropping frames in between")
     camera.add_argument("--out", metavar="results.jsonl", help="write one JSON line per processed frame")
     camera.add_argument("--annotate", metavar="out.mp4", help="write the processed frames with results drawn on them")
-    camera.add_argument("--max-frames", type=_positive_int, help="stop after this many processed frames")
+    camera.add_argument("--max-frames", type=_positive_int, help="stop a source after this many processed frames")
+    camera.add_argument("--max-batch", type=_positive_int,
+                        help="at most this many sources' frames in one model call (default: all due frames, "
+                             "up to the TensorRT engines' max batch)")
     camera.add_argument("--max-new-tokens", type=_positive_int, default=32)
     _add_backend_arguments(camera)
     camera.set_defaults(handler=_cmd_camera)

@@ -1,7 +1,8 @@
 """The optional extras: which command needs which, and the one line that says what to install.
 
 The base install (numpy, pillow, tokenizers, onnxruntime) is what a device runs: ``run``, ``verify``,
-``inspect``, ``pack``, ``compare``, ``eval`` and ``bench --bundles``. The other commands need an extra of
+``inspect``, ``pack``, ``compare``, ``eval --dataset shapes``, ``dataset check``, ``triton-repo`` and
+``bench --bundles``. The other commands need an extra of
 pyproject's ``[project.optional-dependencies]``. The CLI checks a command's modules before it imports
 the command's code (:func:`require`), and a module of an extra found missing later, anywhere under the
 command (a partial or broken install), gives the same line (:func:`explain`). A missing module of
@@ -21,6 +22,8 @@ EXTRA_MODULES = {
     "export": ("torch", "transformers", "onnx", "onnxscript", "onnx_ir"),
     "apps": ("fastapi", "uvicorn", "multipart", "python_multipart", "cv2"),
     "bench": ("matplotlib",),
+    "eval": ("pycocotools", "rapidfuzz", "sacrebleu"),
+    "finetune": ("peft",),
     "tensorrt-rtx": ("tensorrt_rtx_bindings", "tensorrt_rtx_libs"),
     "gpu": ("cuda",),
 }
@@ -54,6 +57,7 @@ COMMAND_NEEDS = {
     "bench": Need("export", EXTRA_MODULES["export"], "bench --bundles measures existing bundles without it"),
     "serve": Need("apps", ("fastapi", "uvicorn", "python_multipart")),  # python-multipart >= 0.0.13
     "camera": Need("apps", ("cv2",), _NOTES["cv2"]),
+    "finetune": Need("finetune", ("peft",), "it also needs the 'export' extra: torch, transformers"),
 }
 
 

@@ -14,7 +14,6 @@ from .packing import human_size
 _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
-
 def _plain(value: Any) -> Any:
     """JSON-safe: non-finite floats (an fp16 range can be inf) become strings."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -68,6 +67,15 @@ def _validation_line(v: dict) -> str:
     return f"{line} ({v['of']})" if "of" in v else line
 
 
+def _adapter_line(a: dict) -> str:
+    base = a["base"]
+    identity = (f"weights sha256 {base['weights_sha256'][:12]}" if base.get("weights_sha256")
+                else f"revision {base['revision']}" if base.get("revision") else "unidentified")
+    return (f"{a['peft_type']} {a['name']} (rank {a['rank']}, alpha {a['alpha']:g}, targets "
+            f"{', '.join(a['target_modules'])}; {a['weights_file']} sha256 {a['sha256'][:12]}) "
+            f"merged onto {base['source']} ({identity})")
+
+
 @dataclass(frozen=True)
 class BundleSummary:
     path: str
@@ -88,6 +96,7 @@ class BundleSummary:
     quantization: dict
     validation: dict
     versions: dict
+    adapter: dict | None = None  # the PEFT adapter merged at export (manifest schema 3), as recorded
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -121,6 +130,8 @@ class BundleSummary:
             lines.append(f"quantization  {_line(shown)}")
         lines.append("mask decoder  " + (f"{self.mask_decoder['file']} (codebook dim {self.mask_decoder['codebook_dim']})"
                                          if self.mask_decoder else "none (segment answers cannot be decoded)"))
+        if self.adapter:
+            lines.append(f"adapter       {_adapter_line(self.adapter)}")
         lines.append("engines       " + ("none" if not self.engines else ""))
         for tag, engines in self.engines.items():
             lines.append(f"  {tag}: {_line({k: v for k, v in engines.items() if k != 'files'})}; "
@@ -177,5 +188,5 @@ def inspect_bundle(bundle: str | Path) -> BundleSummary:
                  for tag, e in m.engines.items()},
         mask_decoder=asdict(m.mask_decoder) if m.mask_decoder else None,
         quantization=_brief(quantization), validation=validation,
-        versions=dict(m.versions),
+        versions=dict(m.versions), adapter=asdict(m.adapter) if m.adapter else None,
     )

@@ -7,7 +7,7 @@ callers (batch generation, streaming, the CLI) build on it and time it from outs
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -15,7 +15,7 @@ from .backends.base import Backend
 from .manifest import DecoderSpec
 from .masks import attention_mask
 from .prompt import PromptBatch
-from .sampling import GenerationOptions, next_tokens
+from .sampling import GenerationOptions, Sampler
 
 
 @dataclass
@@ -35,6 +35,7 @@ class Step:
     tokens: np.ndarray  # [batch] int64
     active: np.ndarray  # [batch] bool
     reached_eos: np.ndarray  # [batch] bool, this token is an end-of-sequence id
+    finished: np.ndarray  # [batch] bool, the row generates no more (eos or its budget; stopped rows aside)
 
 
 def _masks(spec: DecoderSpec, key_valid: np.ndarray, prefix_len: int, q_start: int, q_len: int):
@@ -68,9 +69,11 @@ def decode_step(backend: Backend, spec: DecoderSpec, state: DecodeState, tokens:
     return logits
 
 
-def token_budget(spec: DecoderSpec, prompt_width: int, options: GenerationOptions) -> int:
-    """New tokens allowed: the option, capped so the cache never exceeds the bundle's max sequence."""
-    return max(0, min(options.max_new_tokens, spec.max_seq_len - prompt_width))
+def keep_rows(backend: Backend, state: DecodeState, keep: np.ndarray) -> None:
+    """Drop the other rows from the cache and the decode state (``keep``: indices into the current rows)."""
+    state.cache = backend.keep_rows(state.cache, keep)
+    state.key_valid = state.key_valid[keep]
+    state.next_positions = state.next_positions[keep]
 
 
 def generate_steps(
@@ -78,21 +81,43 @@ def generate_steps(
     spec: DecoderSpec,
     batch: PromptBatch,
     image_embeds: np.ndarray,
-    options: GenerationOptions,
+    options: GenerationOptions | Sequence[GenerationOptions],
     eos_ids: tuple[int, ...],
     pad_id: int,
+    stop: Callable[[], Iterable[int]] | None = None,
 ) -> Iterator[Step]:
-    """Yield each step's tokens until every row hit an eos id or the budget is spent."""
-    rng = np.random.default_rng(options.seed)
-    budget = token_budget(spec, batch.input_ids.shape[1], options)
+    """Yield each step's tokens until every row hit an eos id or its token budget, or was stopped.
+
+    ``options``: one for every row, or one per row (each row then samples as it would alone, see
+    :class:`Sampler`), so rows may have different budgets. ``stop`` is called after each step and
+    returns the rows the caller wants to end now (a client that went away). Rows that are done
+    leave the backend's cache where the backend can drop rows (``keep_rows``): a batch then costs
+    decode work only for the rows still generating.
+    """
+    rows, width = batch.input_ids.shape
+    sampler = Sampler(options, rows)
+    room = max(0, spec.max_seq_len - width)
+    budgets = np.array([min(sampler.max_new_tokens(row), room) for row in range(rows)])
     logits, state = prefill(backend, spec, batch, image_embeds)
-    finished = np.zeros(len(batch.input_ids), dtype=bool)
-    for index in range(budget):
-        tokens = np.where(finished, pad_id, next_tokens(logits, options, rng))
+    can_drop = callable(getattr(backend, "keep_rows", None))
+    in_cache = np.arange(rows)  # the batch rows the cache holds, in its order
+    finished = budgets == 0
+    produced = np.zeros(rows, dtype=np.int64)
+    while not finished.all():
         active = ~finished
+        tokens = np.full(rows, pad_id, dtype=np.int64)
+        tokens[in_cache] = sampler.choose(logits, in_cache)
+        tokens[finished] = pad_id
         reached_eos = active & np.isin(tokens, eos_ids)
-        finished = finished | reached_eos
-        yield Step(tokens=tokens, active=active, reached_eos=reached_eos)
-        if finished.all() or index == budget - 1:
+        produced += active
+        finished = finished | reached_eos | (produced >= budgets)
+        yield Step(tokens=tokens, active=active, reached_eos=reached_eos, finished=finished.copy())
+        if stop is not None:
+            finished[list(stop())] = True
+        if finished.all():
             return
-        logits = decode_step(backend, spec, state, tokens)
+        if can_drop and finished[in_cache].any():
+            keep = np.flatnonzero(~finished[in_cache])
+            keep_rows(backend, state, keep)
+            in_cache = in_cache[keep]
+        logits = decode_step(backend, spec, state, tokens[in_cache])

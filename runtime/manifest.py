@@ -2,8 +2,12 @@
 
 A bundle is a directory holding ``manifest.json`` and the files it lists. The manifest
 describes the model (sizes, token ids, image preprocessing), each graph's inputs and
-outputs, the precision, a sha256 of every file and how the export was validated. Readers
-reject a schema version they do not know and unknown keys, rather than guess.
+outputs, the precision, a sha256 of every file, how the export was validated and, for a
+bundle merged from a PEFT adapter, which adapter on which base. Readers reject a schema version
+they do not know and unknown keys, rather than guess.
+
+Schema history: 2 changed the int8 table's layout; 3 added the optional ``adapter`` record. Each
+older manifest is upgraded on read, one version at a time, so old bundles keep loading.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Any
 
 from .errors import BundleError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MANIFEST_NAME = "manifest.json"
 
 SLIDING = "sliding_attention"
@@ -179,6 +183,29 @@ class EngineSet:
 
 
 @dataclass(frozen=True)
+class BaseModelRecord:
+    """The base model an adapter was merged onto: where it came from and what identifies its weights."""
+
+    source: str  # the local directory or hub id it was loaded from
+    weights_sha256: str | None = None  # a local base: sha256 over its weight files' "sha256  name" lines, sorted
+    revision: str | None = None  # a hub base: the commit it was loaded at
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    """The PEFT adapter merged into the bundle's weights at export (provenance; the runtime never needs it)."""
+
+    name: str
+    peft_type: str
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    weights_file: str  # the adapter's weights file, e.g. adapter_model.safetensors
+    sha256: str  # of that file
+    base: BaseModelRecord
+
+
+@dataclass(frozen=True)
 class Manifest:
     model_name: str
     family: int
@@ -196,6 +223,7 @@ class Manifest:
     mask_decoder: MaskDecoderSpec | None = None
     quantization: dict[str, Any] = field(default_factory=dict)  # source bundle, options, what was kept
     engines: dict[str, EngineSet] = field(default_factory=dict)  # device tag -> TensorRT engines
+    adapter: AdapterRecord | None = None  # the PEFT adapter merged at export; None for a full checkpoint
     schema_version: int = SCHEMA_VERSION
 
     def weight_files(self, include_vision: bool = True) -> list[str]:
@@ -270,6 +298,7 @@ _NESTED = {
     "ImageSpec": ImageSpec, "TokenIds": TokenIds, "DecoderSpec": DecoderSpec,
     "GraphSpec": GraphSpec, "EmbeddingSpec": EmbeddingSpec, "TensorSpec": TensorSpec,
     "MaskDecoderSpec": MaskDecoderSpec, "EngineSpec": EngineSpec, "EngineSet": EngineSet,
+    "AdapterRecord": AdapterRecord, "BaseModelRecord": BaseModelRecord,
 }
 
 
@@ -291,6 +320,8 @@ def read_manifest(bundle_dir: Path) -> Manifest:
     data = read_json_object(path, BundleError, "manifest")
     if data.get("schema_version") == 1:
         data = _from_schema_1(data, path)
+    if data.get("schema_version") == 2:
+        data = _from_schema_2(data, path)
     version = data.get("schema_version")
     if version != SCHEMA_VERSION:
         raise BundleError(
@@ -305,12 +336,19 @@ def _from_schema_1(data: dict, path: Path) -> dict:
     read as schema 2; an int8 bundle of that layout has to be quantized again."""
     embedding = data.get("embedding")
     if not isinstance(embedding, dict):
-        return data | {"schema_version": SCHEMA_VERSION}  # _build reports what is wrong
+        return data | {"schema_version": 2}  # _build reports what is wrong
     if embedding.get("transposed"):
         raise BundleError(f"{path}: this int8 bundle stores its table in the old layout (schema 1); quantize "
                           "its fp32 bundle again with this version of paligemma-edge")
     rest = {k: v for k, v in embedding.items() if k != "transposed"}
-    return data | {"schema_version": SCHEMA_VERSION, "embedding": rest}
+    return data | {"schema_version": 2, "embedding": rest}
+
+
+def _from_schema_2(data: dict, path: Path) -> dict:
+    """Schema 3 only added the optional ``adapter`` record, which a schema 2 manifest cannot hold."""
+    if data.get("adapter") is not None:
+        raise BundleError(f"{path}: a schema 2 manifest cannot hold an 'adapter' record (that is schema 3)")
+    return data | {"schema_version": 3}
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Generator, Iterator, Sequence, Union
+from typing import Callable, Generator, Iterable, Iterator, Sequence, Union
 
 import numpy as np
 
@@ -24,6 +24,7 @@ from .sampling import GenerationOptions
 from .tasks import build_prompt, result_kind
 
 TaskResult = Union[Generation, DetectionResult, SegmentationResult]
+RowOptions = Union[GenerationOptions, Sequence[GenerationOptions], None]  # one for the batch, or one per prompt
 _RESULT_TYPES = {"detections": DetectionResult, "segmentations": SegmentationResult}
 
 
@@ -65,8 +66,8 @@ class PaliGemma:
             raise InputError(f"got {len(images)} images for {len(prompts)} prompts: give one image, or one per prompt")
         return list(range(len(prompts)))
 
-    def _steps(self, images, prompts, options):
-        """Start a generation: returns (vision ms, prompt batch, step iterator)."""
+    def _steps(self, images, prompts, options, stop):
+        """Start a generation: returns (vision ms, step iterator)."""
         image_index = self._pair(images, prompts)
         batch = self.tokenizer.batch(list(prompts))  # checks lengths before any model work
         start = time.perf_counter()
@@ -74,19 +75,39 @@ class PaliGemma:
         vision_ms = (time.perf_counter() - start) * 1000
         tokens = self.manifest.tokens
         steps = generate_steps(
-            self.backend, self.manifest.decoder, batch, image_embeds, options, tokens.eos, tokens.pad
+            self.backend, self.manifest.decoder, batch, image_embeds, options, tokens.eos, tokens.pad, stop
         )
-        return vision_ms, batch, steps
+        return vision_ms, steps
 
     def generate_batch(
-        self, images: Sequence[ImageInput], prompts: Sequence[str], options: GenerationOptions | None = None
+        self, images: Sequence[ImageInput], prompts: Sequence[str], options: RowOptions = None
     ) -> list[Generation]:
-        """Several prompts in one left-padded batch, on one shared image or one image each."""
+        """Several prompts in one left-padded batch, on one shared image or one image each.
+
+        ``options``: one for the batch, or one per prompt (each prompt then decodes exactly as it does
+        alone, sampling included: see :class:`~.sampling.Sampler`)."""
+        stream = self.stream_batch(images, prompts, options)
+        while True:
+            try:
+                next(stream)
+            except StopIteration as done:
+                return done.value
+
+    def stream_batch(
+        self, images: Sequence[ImageInput], prompts: Sequence[str], options: RowOptions = None,
+        stop: Callable[[], Iterable[int]] | None = None,
+    ) -> Generator[tuple[int, TokenChunk | Generation], None, list[Generation]]:
+        """:meth:`generate_batch`, streamed: yields ``(row, TokenChunk)`` as each row's tokens come and
+        ``(row, Generation)`` as soon as a row is done (the rest of the batch may go on), and returns
+        every row's :class:`Generation`. ``stop`` is asked after each step which rows to end now
+        (those get no Generation event; their returned Generations hold what they had). Closing the
+        generator stops generation after the current step."""
         options = options or GenerationOptions()
-        vision_ms, batch, steps = self._steps(images, prompts, options)
-        rows = len(prompts)
-        generated: list[list[int]] = [[] for _ in range(rows)]
-        reasons = ["length"] * rows
+        per_row = [options] * len(prompts) if isinstance(options, GenerationOptions) else list(options)
+        vision_ms, steps = self._steps(images, prompts, options, stop)
+        texts = [_TextStream(self.tokenizer) for _ in prompts]
+        reasons = ["length"] * len(prompts)
+        results: list[Generation | None] = [None] * len(prompts)
         clock = _StepClock(vision_ms)
         for step in steps:
             clock.tick()
@@ -94,14 +115,24 @@ class PaliGemma:
                 if step.reached_eos[row]:
                     reasons[row] = "eos"
                 else:
-                    generated[row].append(int(step.tokens[row]))
-        timings = clock.timings()
-        return [self._generation(prompt, ids, reason, clock.steps, options, timings)
-                for prompt, ids, reason in zip(prompts, generated, reasons)]
+                    for chunk in texts[row].add(int(step.tokens[row])):
+                        yield row, chunk
+                if step.finished[row]:
+                    for chunk in texts[row].finish():
+                        yield row, chunk
+                    results[row] = self._generation(prompts[row], texts[row].ids, reasons[row], per_row[row],
+                                                    clock.timings())
+                    yield row, results[row]
+        for row, text in enumerate(texts):  # rows stopped by the caller, or cut by the bundle's max sequence
+            if results[row] is None:
+                for chunk in text.finish():
+                    yield row, chunk
+                results[row] = self._generation(prompts[row], text.ids, reasons[row], per_row[row], clock.timings())
+        return results
 
-    def _generation(self, prompt: str, ids: list[int], reason: str, steps: int, options: GenerationOptions,
+    def _generation(self, prompt: str, ids: list[int], reason: str, options: GenerationOptions,
                     timings: Timings) -> Generation:
-        budget_cut = steps < options.max_new_tokens  # stopped by the bundle's max sequence, not by the caller
+        budget_cut = len(ids) < options.max_new_tokens  # stopped by the bundle's max sequence, not by the caller
         return Generation(
             prompt=prompt, text=self.tokenizer.decode(ids), token_ids=tuple(ids),
             finish_reason="max_seq_len" if reason == "length" and budget_cut else reason, timings=timings,
@@ -116,41 +147,22 @@ class PaliGemma:
         A token that ends inside a multi-byte character is held back until the character is
         complete (or generation ends), so the chunks' texts always join to the full answer.
         """
-        options = options or GenerationOptions()
-        vision_ms, _, steps = self._steps([image], [prompt], options)
-        clock = _StepClock(vision_ms)
-        ids: list[int] = []
-        pending: list[int] = []
-        emitted = ""
-        reason = "length"
-        for step in steps:
-            clock.tick()
-            if step.reached_eos[0]:
-                reason = "eos"
-                break
-            ids.append(int(step.tokens[0]))
-            pending.append(ids[-1])
-            text = self.tokenizer.decode(ids)
-            if text.endswith("\ufffd") or not text.startswith(emitted):
-                continue
-            yield from self._flush(pending, text[len(emitted):])
-            emitted = text
-        text = self.tokenizer.decode(ids)
-        if pending:
-            yield from self._flush(pending, text[len(emitted):] if text.startswith(emitted) else "")
-        return self._generation(prompt, ids, reason, clock.steps, options, clock.timings())
+        stream = self.stream_batch([image], [prompt], options)
+        try:
+            while True:
+                try:
+                    _, item = next(stream)
+                except StopIteration as done:
+                    return done.value[0]
+                if isinstance(item, TokenChunk):
+                    yield item
+        finally:
+            stream.close()
 
     def stream_tokens(self, image: ImageInput, prompt: str, options: GenerationOptions | None = None
                       ) -> Iterator[TokenChunk]:
         """The chunks of :meth:`stream_generation`, without its final Generation."""
         yield from self.stream_generation(image, prompt, options)
-
-    @staticmethod
-    def _flush(pending: list[int], text: str) -> Iterator[TokenChunk]:
-        for token in pending[:-1]:
-            yield TokenChunk(token, "")
-        yield TokenChunk(pending[-1], text)
-        pending.clear()
 
     # -- tasks -------------------------------------------------------------------------------
 
@@ -221,6 +233,38 @@ class PaliGemma:
     def segment(self, image: ImageInput, objects: Sequence[str], options: GenerationOptions | None = None,
                 stream: bool = False):
         return self.generate(image, build_prompt("segment", objects=objects), options, stream)
+
+
+class _TextStream:
+    """One row's tokens as text chunks: a token that ends inside a multi-byte character is held
+    back until the character is complete (or generation ends), so the chunks join to the answer."""
+
+    def __init__(self, tokenizer: PromptTokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self._pending: list[int] = []
+        self._emitted = ""
+
+    def add(self, token: int) -> list[TokenChunk]:
+        self.ids.append(token)
+        self._pending.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd") or not text.startswith(self._emitted):
+            return []
+        chunks = self._flush(text[len(self._emitted):])
+        self._emitted = text
+        return chunks
+
+    def finish(self) -> list[TokenChunk]:
+        if not self._pending:
+            return []
+        text = self.tokenizer.decode(self.ids)
+        return self._flush(text[len(self._emitted):] if text.startswith(self._emitted) else "")
+
+    def _flush(self, text: str) -> list[TokenChunk]:
+        chunks = [TokenChunk(token, "") for token in self._pending[:-1]] + [TokenChunk(self._pending[-1], text)]
+        self._pending = []
+        return chunks
 
 
 class _StepClock:

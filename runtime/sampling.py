@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -65,3 +66,38 @@ def next_tokens(logits: np.ndarray, options: GenerationOptions, rng: np.random.G
     draws = rng.random((probs.shape[0], 1)) * cumulative[:, -1:]
     # First token whose cumulative mass passes the draw; zero-probability tokens never do.
     return np.argmax(cumulative > draws, axis=-1).astype(np.int64)
+
+
+class Sampler:
+    """Each step's next tokens for the rows still generating.
+
+    One ``GenerationOptions`` for the whole batch shares one random stream (seeded once), as a single
+    ``generate_batch`` call always has. A list gives each row its own options and its own stream,
+    seeded from its own seed: a row then draws exactly what it draws when generated alone, whatever
+    else is in the batch (this is what lets a server batch unrelated requests).
+    """
+
+    def __init__(self, options: GenerationOptions | Sequence[GenerationOptions], rows: int):
+        if isinstance(options, GenerationOptions):
+            self.per_row: list[GenerationOptions] | None = None
+            self.options = options
+            self._rng = np.random.default_rng(options.seed)
+        else:
+            self.per_row = list(options)
+            if len(self.per_row) != rows:
+                raise InputError(f"got {len(self.per_row)} generation options for {rows} prompts")
+            self._rngs = [np.random.default_rng(o.seed) for o in self.per_row]
+
+    def max_new_tokens(self, row: int) -> int:
+        return (self.options if self.per_row is None else self.per_row[row]).max_new_tokens
+
+    def choose(self, logits: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """logits [len(rows), vocab] of the batch rows ``rows`` -> their next token ids."""
+        if self.per_row is None:
+            return next_tokens(logits, self.options, self._rng)
+        tokens = np.argmax(logits, axis=-1).astype(np.int64)
+        for index, row in enumerate(rows):
+            options = self.per_row[row]
+            if not options.greedy:
+                tokens[index] = next_tokens(logits[index:index + 1], options, self._rngs[row])[0]
+        return tokens

@@ -103,3 +103,21 @@ def result_kind(prompt: str) -> str:
         if task.result != "text" and prompt.startswith(task.template.split("{")[0]):
             return task.result
     return "text"
+
+
+def resolve_prompt(prompt: str | None, task: str | None, lang: str | None, question: str | None,
+                   objects: str | None) -> str:
+    """The prompt of a request that gives either a free ``prompt`` or a ``task`` with its fields (serve, Triton);
+    blank fields count as absent."""
+    blank = lambda value: value is None or not value.strip()
+    if not blank(prompt) and not blank(task):
+        raise InputError("give either 'prompt' or 'task', not both")
+    if not blank(task):
+        return build_prompt(task.strip(), lang=None if blank(lang) else lang.strip(),
+                            question=None if blank(question) else question,
+                            objects=None if blank(objects) else objects)
+    if not (blank(lang) and blank(question) and blank(objects)):
+        raise InputError("'lang', 'question' and 'objects' go with 'task'")
+    if blank(prompt):
+        raise InputError("give a 'prompt' or a 'task'")
+    return prompt.strip()

@@ -17,7 +17,7 @@ cv2 = pytest.importorskip("cv2")
 
 from paligemma_edge.apps.camera import (  # noqa: E402
     CameraOptions, FrameGrabber, Pacer, VideoSource, annotate_picture, file_timestamp, frame_to_picture, masked,
-    run_on_source, source_kind,
+    run_on_sources, source_kind,
 )
 from paligemma_edge.runtime.drawing import PALETTE  # noqa: E402
 from paligemma_edge.runtime.errors import InputError  # noqa: E402
@@ -186,24 +186,20 @@ def test_bad_options_fail_before_loading(bundle, video, tmp_path):
 
 def test_camera_options_are_checked():
     with pytest.raises(InputError, match="--fps must be a positive number"):
-        CameraOptions(source="0", prompt="caption en", fps=0.0)
+        CameraOptions(sources=("0",), prompt="caption en", fps=0.0)
     with pytest.raises(InputError, match="--every must be at least 1"):
-        CameraOptions(source="0", prompt="caption en", every=0)
+        CameraOptions(sources=("0",), prompt="caption en", every=0)
     with pytest.raises(InputError, match="same file"):
-        CameraOptions(source="0", prompt="caption en", out="x.mp4", annotate="x.mp4")
+        CameraOptions(sources=("0",), prompt="caption en", out="x.mp4", annotate="x.mp4")
 
 
 # -- Ctrl-C -----------------------------------------------------------------------------------
 
 
-def test_ctrl_c_stops_cleanly(bundle, tmp_path):
-    long_video = write_video(tmp_path / "long.mp4", 3000)
-    out, annotated = tmp_path / "r.jsonl", tmp_path / "a.mp4"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "paligemma_edge", "camera", str(bundle), "--source", str(long_video), "--task",
-         "caption", "--max-new-tokens", "4", "--out", str(out), "--annotate", str(annotated)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+def interrupt_camera(args: list[str], out: Path) -> tuple[int, str, str]:
+    """Run ``camera ARGS`` until ``out`` has two JSON lines, then Ctrl-C it: (exit code, stdout, stderr)."""
+    process = subprocess.Popen([sys.executable, "-m", "paligemma_edge", "camera", *args],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300
         while not (out.exists() and out.read_text().count("\n") >= 2):
@@ -215,7 +211,16 @@ def test_ctrl_c_stops_cleanly(bundle, tmp_path):
     finally:
         if process.poll() is None:
             process.kill()
-    assert process.returncode == 0, stderr
+    return process.returncode, stdout, stderr
+
+
+def test_ctrl_c_stops_cleanly(bundle, tmp_path):
+    long_video = write_video(tmp_path / "long.mp4", 3000)
+    out, annotated = tmp_path / "r.jsonl", tmp_path / "a.mp4"
+    code, stdout, stderr = interrupt_camera(
+        [str(bundle), "--source", str(long_video), "--task", "caption", "--max-new-tokens", "4", "--out", str(out),
+         "--annotate", str(annotated)], out)
+    assert code == 0, stderr
     assert "stopped: interrupted (Ctrl-C)" in stdout, stdout
     lines = read_lines(out)
     processed = len(lines)
@@ -316,10 +321,12 @@ def test_live_source_drops_frames_while_the_model_is_busy(bundle, tmp_path):
     from paligemma_edge import load
 
     source = PacedFrames(150, 0.002)
-    options = CameraOptions(source="fake", prompt="caption en", out=str(tmp_path / "live.jsonl"),
+    options = CameraOptions(sources=("fake",), prompt="caption en", out=str(tmp_path / "live.jsonl"),
                             annotate=str(tmp_path / "live.mp4"))
     with load(bundle) as model:
-        summary = run_on_source(model, VideoSource(source, "fake", live=True, fps=None), options)
+        run = run_on_sources(model, [VideoSource(source, "fake", live=True, fps=None)], options)
+    (summary,) = run.summaries
+    assert run.text() == summary.text()  # one source: the summary as it always was
     lines = read_lines(tmp_path / "live.jsonl")
     frames = [line["frame"] for line in lines]
     assert summary.frames_read == 150 and summary.processed == len(lines) >= 2

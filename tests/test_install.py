@@ -199,7 +199,7 @@ def test_the_extras_table_matches_pyproject():
 def test_every_command_is_either_base_or_declares_its_extra():
     parser = build_parser()
     (commands,) = [a for a in parser._actions if a.dest == "command"]
-    base = {"run", "verify", "inspect", "pack", "compare", "eval", "build-engines"}
+    base = {"run", "verify", "inspect", "pack", "compare", "eval", "build-engines", "dataset", "triton-repo"}
     assert set(commands.choices) == base | set(COMMAND_NEEDS), set(commands.choices) ^ (base | set(COMMAND_NEEDS))
 
 

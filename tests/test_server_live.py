@@ -103,8 +103,9 @@ def generate(client: httpx.Client, url: str, index: int, stream: bool = False) -
 
 
 def test_concurrent_clients_get_their_own_answers(server):
-    """16 clients at once, mixed tasks, images and streaming: no errors, and every answer equals the
-    one the same request gets alone (a shared or corrupted KV cache would change tokens)."""
+    """16 clients at once, mixed tasks, images and streaming: no errors, requests batched, and every
+    answer equals the one the same request gets alone (a shared or corrupted KV cache, or a row
+    disturbed by its batch, would change tokens)."""
     with httpx.Client() as client:
         alone = {i: generate(client, server.url, i)["token_ids"] for i in range(len(REQUESTS) * 7)}
         rss_before = rss_mb(server.process.pid)
@@ -126,8 +127,11 @@ def test_concurrent_clients_get_their_own_answers(server):
     assert len(results) == CLIENTS * REQUESTS_PER_CLIENT
     assert all(tokens == alone[index] for index, tokens in results)
     assert "paligemma_edge_request_errors_total 0" in metrics
+    counters = dict(line.split() for line in metrics.splitlines() if line.startswith("paligemma_edge_batch"))
+    batches, batched = float(counters["paligemma_edge_batches_total"]), float(counters["paligemma_edge_batched_requests_total"])
+    assert batched >= len(results) and batches < batched, "16 concurrent clients were never batched"
     growth = rss_after - rss_before
-    print(f"\nload: {len(results)} requests from {CLIENTS} clients in {seconds:.1f} s; "
+    print(f"\nload: {len(results)} requests from {CLIENTS} clients in {seconds:.1f} s, mean batch {batched / batches:.1f}; "
           f"server RSS {rss_before:.0f} -> {rss_after:.0f} MB ({growth:+.1f} MB)")
     assert growth < 64, f"server memory grew {growth:.0f} MB under load"
 

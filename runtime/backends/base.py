@@ -34,6 +34,9 @@ class Backend(Protocol):
     def close(self) -> None:
         """Release sessions and buffers."""
 
+    # Optional: ``keep_rows(cache, rows) -> cache`` keeps only ``rows`` (indices) of a cache, so rows
+    # that finished stop costing decode work. The generation loop uses it where a backend has it.
+
 
 # name -> (module, class, what to install when the import fails)
 BACKENDS = {

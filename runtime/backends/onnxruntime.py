@@ -122,6 +122,13 @@ class OnnxRuntimeBackend:
                 cache.values[name] = self._on_device(empty)
         return cache
 
+    def keep_rows(self, cache: OrtCache, rows: np.ndarray) -> OrtCache:
+        """The cache of ``rows`` only: one copy of what they hold, so later steps skip the rows dropped."""
+        kept = OrtCache()
+        for name, value in cache.values.items():
+            kept.values[name] = self._on_device(np.ascontiguousarray(value.numpy()[rows]))
+        return kept
+
     def step(self, inputs_embeds, masks, position_ids, cache: OrtCache) -> np.ndarray:
         embeds_dtype = self._input_dtypes["inputs_embeds"]
         feed = {
