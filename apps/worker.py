@@ -177,17 +177,17 @@ class ModelWorker:
         self.stats = BatchStats(self.stats.batches + 1, self.stats.requests + len(jobs),
                                 max(self.stats.largest, len(jobs)))
         failed: dict[int, Exception] = {}
+        answered: set[int] = set()
 
         def stop() -> list[int]:
             for row, job in enumerate(jobs):
-                if row not in failed:
+                if row not in failed and row not in answered:  # an answered client may go away: its row is done
                     error = job.failure(started=True)
                     if error is not None:
                         failed[row] = error
                         self._settle(job, error=error)
             return list(failed)
 
-        answered: set[int] = set()
         try:
             stream = self.model.stream_batch([job.image for job in jobs], [job.prompt for job in jobs],
                                              [job.options for job in jobs], stop=stop)

@@ -152,3 +152,22 @@ def test_a_request_the_batch_would_cut_short_waits_for_the_next(model):
         worker.close()
     assert [g.token_ids for g in got] == [w.token_ids for w in want]
     assert worker.stats.batches == 2
+
+
+def test_a_client_leaving_after_its_answer_does_not_disturb_the_batch(model):
+    """A streaming client closes once it has its answer (the server then marks its job cancelled) while
+    its batch still runs longer rows: the finished row is not failed twice, the others finish."""
+    images = pictures(2)
+    short, long = GenerationOptions(max_new_tokens=2), GenerationOptions(max_new_tokens=16)
+    want = alone(model, images[1], "caption en", long)
+    worker = ModelWorker(model, max_batch=8, batch_wait_ms=2000)
+    try:
+        quick = Job(images[0], "caption en", short, deadline=time.monotonic() + 120, on_token=lambda chunk: None)
+        slow = Job(images[1], "caption en", long, deadline=time.monotonic() + 120)
+        futures = [worker.submit(job) for job in (quick, slow)]
+        futures[0].add_done_callback(lambda _: quick.cancelled.set())
+        assert len(futures[0].result(timeout=120)[1].token_ids) <= 2
+        assert futures[1].result(timeout=120)[1].token_ids == want.token_ids
+        assert worker.stats.batches == 1
+    finally:
+        worker.close()
