@@ -199,7 +199,11 @@ class ModelWorker:
                     answered.add(row)
                     self._answer(job, item)
                 elif job.on_token is not None:
-                    job.on_token(item)
+                    try:
+                        job.on_token(item)
+                    except Exception as exc:  # the caller's callback broke: that row ends, not the batch
+                        failed[row] = exc
+                        self._settle(job, error=exc)
         except Exception as exc:  # the whole batch failed (a backend error): every request left says so
             for row, job in enumerate(jobs):
                 if row not in failed and row not in answered:
