@@ -228,6 +228,8 @@ EXTRA_CASES = {
     "bench": (["bench", "--model", "tiny", "--workdir", "bench"], "export"),
     "serve": (["serve", "{bundle}"], "apps"),
     "camera": (["camera", "{bundle}", "--source", "0", "--task", "caption"], "apps"),
+    "finetune": (["finetune", "{checkpoint}", "--dataset", "data", "-o", "out"], "finetune"),
+    "eval --dataset PATH": (["eval", "{bundle}", "--dataset", "data"], "eval"),
     "build-engines --backend tensorrt-rtx": (["build-engines", "{bundle}", "--backend", "tensorrt-rtx"], "tensorrt-rtx"),
 }
 
