@@ -12,6 +12,9 @@ decided here:
 - A miss is a line whose answer is not right: text not matching (the kind's exact match), or
   objects not all found at IoU 0.5 with nothing extra. The misses file has one JSON line each.
 - Without ``PATH:split`` the test split is evaluated, else valid / validation / val, else the only one.
+
+``evaluate_dataset`` is ``generate_answers`` then ``score_answers``; callers that score the same answers
+over several subsets of lines (evaluation/prefix_variants.py) use the two halves.
 """
 
 from __future__ import annotations
@@ -123,7 +126,8 @@ def _objects(model: PaliGemma, record: Record, answer: str) -> metrics.ObjectsEx
     return metrics.ObjectsExample(w, h, tuple(parse(record.suffix)), tuple(parse(answer)))
 
 
-def _check_runnable(model: PaliGemma, records: Sequence[Record]) -> None:
+def check_runnable(model: PaliGemma, records: Sequence[Record]) -> None:
+    """Fail before the first generation when the bundle cannot run or score a line (``file:line: ...``)."""
     metrics.require_libraries({r.kind for r in records})
     model.check_can_parse([r.prefix for r in records])
     for record in records:
@@ -141,26 +145,40 @@ def _batches(records: Sequence[Record], size: int) -> list[list[int]]:
     return [group[i:i + size] for group in by_image.values() for i in range(0, len(group), size)]
 
 
+def generate_answers(model: PaliGemma, records: Sequence[Record], options: EvalOptions = EvalOptions(),
+                     progress: Callable[[int, int], None] | None = None) -> list[str]:
+    """Each line's greedy answer to its prefix, lines on one picture batched (``options.limit`` not applied)."""
+    check_runnable(model, records)
+    generation = GenerationOptions(max_new_tokens=options.max_new_tokens)
+    answers: dict[int, str] = {}
+    for batch in _batches(records, options.batch_size):
+        picture = load_image(records[batch[0]].image)
+        generated = model.generate_batch([picture], [records[i].prefix for i in batch], generation)
+        answers.update({index: answer.text for index, answer in zip(batch, generated)})
+        if progress is not None:
+            progress(len(answers), len(records))
+    return [answers[i] for i in range(len(records))]
+
+
+def score_answers(model: PaliGemma, records: Sequence[Record], answers: Sequence[str]
+                  ) -> tuple[tuple[KindReport, ...], tuple[Miss, ...]]:
+    """Score given answers against the lines' truth by task kind: per-kind metrics and the misses."""
+    outcomes = []
+    for record, answer in zip(records, answers, strict=True):
+        objects = _objects(model, record, answer) if record.kind in ("detect", "segment") else None
+        outcomes.append(_Outcome(record, answer, objects))
+    return _score(outcomes)
+
+
 def evaluate_dataset(model: PaliGemma, dataset: Dataset, options: EvalOptions = EvalOptions(),
                      progress: Callable[[int, int], None] | None = None) -> DatasetReport:
     """Run every line of ``dataset`` (its first ``options.limit``) and score it by its task kind."""
     records = list(dataset.records)[: options.limit]
     if not records:
         raise InputError(f"{dataset}: no lines to evaluate")
-    _check_runnable(model, records)
-    generation = GenerationOptions(max_new_tokens=options.max_new_tokens)
     started = time.perf_counter()
-    outcomes: dict[int, _Outcome] = {}
-    for batch in _batches(records, options.batch_size):
-        picture = load_image(records[batch[0]].image)
-        answers = model.generate_batch([picture], [records[i].prefix for i in batch], generation)
-        for index, answer in zip(batch, answers):
-            record = records[index]
-            objects = _objects(model, record, answer.text) if record.kind in ("detect", "segment") else None
-            outcomes[index] = _Outcome(record, answer.text, objects)
-        if progress is not None:
-            progress(len(outcomes), len(records))
-    kinds, misses = _score([outcomes[i] for i in range(len(records))])
+    answers = generate_answers(model, records, options, progress)
+    kinds, misses = score_answers(model, records, answers)
     return DatasetReport(str(dataset), str(model.bundle_dir), model.manifest.precision, len(records),
                          round(time.perf_counter() - started, 2), kinds, misses)
 
@@ -218,13 +236,10 @@ def _miss(outcome: _Outcome, score: float) -> Miss:
     return Miss(str(r.file), r.line, str(r.image), r.kind, r.prefix, r.suffix, outcome.answer, round(float(score), 4))
 
 
-def write_outputs(report: DatasetReport, json_path: str | Path | None = None, markdown_path: str | Path | None = None,
-                  misses_path: str | Path | None = None) -> list[Path]:
-    """Write the report's JSON, its markdown table and the misses (one JSON line each); the paths written."""
+def write_texts(outputs: Sequence[tuple[str | Path | None, Callable[[], str]]]) -> list[Path]:
+    """Write each (path, text) whose path is given, making its folder; the paths written."""
     written = []
-    for path, text in ((json_path, lambda: json.dumps(report.to_dict(), indent=2) + "\n"),
-                       (markdown_path, report.table),
-                       (misses_path, lambda: "".join(json.dumps(asdict(m)) + "\n" for m in report.misses))):
+    for path, text in outputs:
         if path is None:
             continue
         path = Path(path)
@@ -235,3 +250,11 @@ def write_outputs(report: DatasetReport, json_path: str | Path | None = None, ma
             raise InputError(f"{path}: cannot write ({exc})") from None
         written.append(path)
     return written
+
+
+def write_outputs(report: DatasetReport, json_path: str | Path | None = None, markdown_path: str | Path | None = None,
+                  misses_path: str | Path | None = None) -> list[Path]:
+    """Write the report's JSON, its markdown table and the misses (one JSON line each); the paths written."""
+    return write_texts([(json_path, lambda: json.dumps(report.to_dict(), indent=2) + "\n"),
+                        (markdown_path, report.table),
+                        (misses_path, lambda: "".join(json.dumps(asdict(m)) + "\n" for m in report.misses))])

@@ -182,6 +182,13 @@ def _clock(seconds: float) -> str:
         f"{seconds // 60}:{seconds % 60:02d}"
 
 
+def _scores_line(scores: dict) -> str:
+    """The numeric results of an evaluation, ``name value`` each (the rest, e.g. samples, left out)."""
+    shown = [f"{name} {value:.3f}" for name, value in scores.items()
+             if isinstance(value, (int, float)) and not isinstance(value, bool) and name != "lines"]
+    return ", ".join(shown) or "done"
+
+
 def train_loop(model, source: Callable[[int], Sequence[Sequence[object]]], collate: Callable[[Sequence[object]], dict],
                config: LoopConfig, progress: Progress = lambda line: None,
                evaluate: Callable[[object, int], dict] | None = None,
@@ -224,7 +231,9 @@ def train_loop(model, source: Callable[[int], Sequence[Sequence[object]]], colla
         last = state.step == config.steps
         if evaluate is not None and (last or (config.eval_every and state.step % config.eval_every == 0)):
             model.eval()
-            state.evals = state.evals + [{"step": state.step, **evaluate(model, state.step)}]
+            scores = evaluate(model, state.step)
+            state.evals = state.evals + [{"step": state.step, **scores}]
+            progress(f"eval at step {state.step}: {_scores_line(scores)}")
             model.train()
         if checkpoint is not None and config.save_every and state.step % config.save_every == 0 and not last:
             state.seconds = before + time.perf_counter() - started

@@ -72,6 +72,8 @@ def _needed_extra(args) -> extras.Need | None:
         return None  # existing bundles: runtime rows only, no torch
     if args.command == "eval" and args.dataset != "shapes":
         return extras.Need("eval", extras.EXTRA_MODULES["eval"], "eval --dataset shapes runs without it")
+    if args.command == "compare" and args.dataset not in (None, "shapes"):
+        return extras.Need("eval", extras.EXTRA_MODULES["eval"], "compare --images or --dataset shapes runs without it")
     return extras.COMMAND_NEEDS.get(args.command)
 
 
@@ -130,7 +132,7 @@ def _cmd_compare(args) -> int:
     from .quantize.compare import compare_bundles, write_report
 
     comparison = compare_bundles(args.reference, args.candidate, args.images, args.prompts, args.max_new_tokens,
-                                 dataset=args.dataset, dataset_n=args.n)
+                                 dataset=args.dataset, dataset_n=args.n, agreement_lines=args.agreement_n)
     print(comparison.markdown(), end="", flush=True)
     if args.json:
         write_report(comparison, args.json)
@@ -144,6 +146,8 @@ def _cmd_eval(args) -> int:
     from .evaluation.evaluate import EvalOptions, evaluate_dataset, load_eval_dataset, write_outputs
     from .runtime.model import load
 
+    if args.prefix_variants:
+        return _eval_prefix_variants(args)
     dataset = load_eval_dataset(args.dataset)  # a bad line refuses the dataset here, before the bundle loads
     options = EvalOptions(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.n)
     shown = [0]
@@ -161,10 +165,35 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _eval_prefix_variants(args) -> int:
+    from .evaluation.evaluate import EvalOptions, load_eval_dataset
+    from .evaluation.prefix_variants import evaluate_prefix_variants, read_rules, write_outputs
+    from .runtime.model import load
+
+    if args.misses:
+        raise InputError("--misses goes with eval without --prefix-variants (variants write --json and --markdown)")
+    rules = read_rules(args.prefix_variants)  # a bad rule line stops here, before the dataset is read
+    dataset = load_eval_dataset(args.dataset)
+    options = EvalOptions(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.n)
+
+    def progress(name: str, done: int, total: int) -> None:
+        if done == total:
+            args.progress(f"{name}: evaluated {done} lines")
+
+    with load(args.bundle, backend=args.backend, threads=args.threads) as model:
+        report = evaluate_prefix_variants(model, dataset, rules, options, progress=progress)
+    print(report.table(), end="")
+    for path in write_outputs(report, args.json, args.markdown):
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
 def _eval_shapes(args) -> int:
     from .runtime.model import load
     from .shapes.evaluate import evaluate_shapes, write_report
 
+    if args.prefix_variants:
+        raise InputError("--prefix-variants needs --dataset PATH[:split] (a PaliGemma JSONL dataset), not shapes")
     if args.markdown or args.misses:
         raise InputError("--markdown and --misses go with --dataset PATH; shapes writes everything to --json")
     n = args.n or 200
@@ -482,8 +511,11 @@ def build_parser() -> argparse.ArgumentParser:
                           help="dynamic: integer kernels for ONNX Runtime on CPU (default for onnxruntime); static: "
                                "Q/DQ weights and activations calibrated on --calibration; weight-only: Q/DQ weights, "
                                "fp16 activations (default for tensorrt)")
-    quantize.add_argument("--calibration", metavar="DIR",
-                          help="real images (+ optional prompts.txt, one prompt a line) for static int8 and fp16 ranges")
+    quantize.add_argument("--calibration", metavar="DIR|PATH[:split]",
+                          help="for static int8 and fp16 ranges: a directory of real images (+ optional prompts.txt, "
+                               "one prompt a line, each run on every image), or a PaliGemma JSONL dataset (Roboflow "
+                               "export, maestro split folders, a .jsonl file): each line's prefix on its own image, "
+                               "up to 32 lines spread over its pictures, from its train split unless PATH:split names one")
     quantize.add_argument("--block-size", type=_positive_int, default=32, help="int4 block size (default 32)")
     quantize.add_argument("--int4-activations", choices=("fp32", "fp16"),
                           help="int4 activations (default fp32 for onnxruntime, fp16 for tensorrt)")
@@ -499,10 +531,17 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("reference", help="reference bundle, e.g. the fp32 export")
     compare.add_argument("candidate", help="candidate bundle, e.g. its int4 quantization")
     compare.add_argument("--images", metavar="DIR", help="directory of images to run (or --dataset)")
-    compare.add_argument("--dataset", choices=("shapes",),
-                         help="add task metrics on held-out scenes (for paligemma-shapes bundles); without "
-                              "--images its first 8 held-out pictures are the token-agreement inputs")
-    compare.add_argument("--n", type=_positive_int, default=100, help="held-out scenes for --dataset (default 100)")
+    compare.add_argument("--dataset", metavar="shapes|PATH[:split]",
+                         help="add each bundle's task metrics side by side: shapes, the held-out scenes (for "
+                              "paligemma-shapes bundles; without --images its first 8 pictures are the token-agreement "
+                              "inputs); or a PaliGemma JSONL dataset, scored as eval scores it (its test split, else "
+                              "valid, unless PATH:split names one; without --images its own lines are the "
+                              "token-agreement inputs)")
+    compare.add_argument("--n", type=_positive_int,
+                         help="--dataset shapes: held-out scenes (default 100); PATH: the first N lines (default all)")
+    compare.add_argument("--agreement-n", type=_positive_int, default=32, metavar="N",
+                         help="--dataset PATH without --images: token agreement on the first N of those lines "
+                              "(default 32)")
     compare.add_argument("--prompts", metavar="FILE",
                          help="one prompt a line, optionally 'prompt<TAB>expected answer' (default: task prefixes)")
     compare.add_argument("--max-new-tokens", type=_positive_int, default=32)
@@ -524,6 +563,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", metavar="OUT.json", help="write the metrics (shapes: and every answer) as JSON")
     evaluate.add_argument("--markdown", metavar="OUT.md", help="PATH: write the metrics table as markdown")
     evaluate.add_argument("--misses", metavar="OUT.jsonl", help="PATH: write every missed line, one JSON object a line")
+    evaluate.add_argument("--prefix-variants", metavar="FILE",
+                          help="PATH: run each rewrite rule in FILE ('PATTERN -> REWRITE' a line, {x} the rest of "
+                               "the prefix, e.g. 'detect {x} -> detect {x}s'; # comments) over the lines it matches "
+                               "and rank the phrasings, the original included, per task kind; --json and --markdown "
+                               "write the ranking")
     evaluate.set_defaults(handler=_cmd_eval)
 
     dataset = commands.add_parser("dataset", help="PaliGemma JSONL datasets: Roboflow exports, maestro split folders")

@@ -51,7 +51,7 @@ class QuantizeOptions:
     # dynamic | static (Q/DQ weights and activations, calibrated) | weight-only (Q/DQ weights, fp16 activations);
     # default: dynamic for onnxruntime, weight-only for tensorrt
     int8_method: str | None = None
-    calibration: Path | None = None  # images (and optional prompts.txt)
+    calibration: Path | None = None  # images (and optional prompts.txt), or a dataset PATH[:split] (see calibration)
     block_size: int = 32  # int4
     int4_activations: str | None = None  # fp32 | fp16; default: fp32, fp16 for tensorrt
     keep_embeddings: bool = False  # int8/int4: leave the tied embedding at the source precision
@@ -76,7 +76,8 @@ class QuantizeOptions:
         if tensorrt and self.precision == "int4" and self.int4_activations != "fp16":
             raise InputError("TensorRT's int4 weights need fp16 activations: drop --int4-activations fp32")
         if self.precision == "int8" and self.int8_method == "static" and self.calibration is None:
-            raise InputError("static int8 needs --calibration DIR with real images (and optionally prompts.txt)")
+            raise InputError("static int8 needs --calibration DIR with real images (and optionally prompts.txt), "
+                             "or --calibration PATH[:split] of a PaliGemma JSONL dataset")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise InputError(f"--block-size must be a power of two >= 16, got {self.block_size}")
         if self.int4_activations not in ("fp32", "fp16"):
@@ -133,18 +134,10 @@ class _Quantizer:
         self.source, self.manifest, self.options, self.staging, self.step = source, manifest, options, staging, step
         self.report: dict = {"source_precision": manifest.precision}
 
-    def calibration_set(self) -> calibration.CalibrationSet:
-        options = self.options
-        if options.calibration is not None:
-            images = calibration.images_in(options.calibration)
-            prompts = calibration.prompts_in(options.calibration)
-            origin = str(options.calibration)
-        else:
-            images, prompts, origin = calibration.synthetic_images(), calibration.DEFAULT_PROMPTS, "synthetic images"
-        self.step(f"recording calibration inputs: {len(images)} image(s) x {len(prompts)} prompt(s) from {origin}")
-        recorded = calibration.record(self.source, images, prompts)
-        self.report["calibration"] = {"source": origin, "images": len(images), "prompts": len(prompts),
-                                      "decoder_feeds": len(recorded.decoder)}
+    def calibration_set(self, inputs: calibration.CalibrationInputs) -> calibration.CalibrationSet:
+        self.step(f"recording calibration inputs: {inputs.describe()}")
+        recorded = calibration.record(self.source, inputs.pairs)
+        self.report["calibration"] = inputs.report() | {"decoder_feeds": len(recorded.decoder)}
         return recorded
 
     @property
@@ -294,8 +287,8 @@ def quantize_bundle(source: str | Path, output: str | Path, options: QuantizeOpt
     if source.resolve() == output:
         raise InputError("--output must differ from the source bundle (the source is left untouched)")
     check_output(output, options.overwrite)
-    if options.calibration is not None:
-        calibration.images_in(options.calibration)  # fail on a bad directory before any work
+    # a bad directory or dataset fails here, before any work
+    inputs = calibration.calibration_inputs(options.calibration)
     started = time.perf_counter()
 
     def step(message: str) -> None:
@@ -304,7 +297,7 @@ def quantize_bundle(source: str | Path, output: str | Path, options: QuantizeOpt
     with staged_bundle(output, options.overwrite) as staging, _quiet_quantizers():
         run = _Quantizer(source, manifest, options, staging, step)
         needs_feeds = run.fp16_activations or options.int8_method == "static" and options.precision == "int8"
-        recorded = run.calibration_set() if needs_feeds else calibration.CalibrationSet()
+        recorded = run.calibration_set(inputs) if needs_feeds else calibration.CalibrationSet()
         step(f"writing the tied embedding as {run.table_dtype}")
         embedding_spec, constants = run.embedding()
         step(f"quantizing vision graph to {options.precision}")

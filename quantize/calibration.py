@@ -2,12 +2,28 @@
 
 The recorded feeds drive fp16 range measurement and static int8 calibration: the graphs see
 exactly what they see at run time (prefill with an empty past, then KV-cached decode steps).
+
+What is decided here:
+
+- ``--calibration PATH`` is a PaliGemma JSONL dataset when PATH ends in ``:split``, is a ``.jsonl``
+  file, or is a folder evaluation/datasets.py reads as one (``_annotations.<split>.jsonl``, in it
+  or in its ``dataset/`` folder, or ``annotations.jsonl`` in it or in its sub-folders). Any other
+  folder is a directory of images, with an optional ``prompts.txt``, as before.
+- A directory of images runs every image with every prompt (``prompts.txt``, else PaliGemma's task
+  prefixes). A dataset runs each line's own prefix on its own image: its train split, or the split
+  named (``PATH:split``), refused whole if any line has a problem (the dataset reader's rules).
+- A dataset gives at most ``DATASET_PAIRS`` (image, prefix) pairs, spread over distinct images: the
+  images (in file order) are thinned to evenly spaced ones when there are more than the cap, then
+  taken in rounds, one line of each image a round, each image starting at a different one of its
+  lines so the task kinds mix. The cap bounds the recorded feeds, which are all held in memory
+  (each decode feed holds the KV cache: 32 pairs are about 4 GB for PaliGemma 2 3B at 224 px).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence, Union
 
 import numpy as np
 from PIL import Image
@@ -21,6 +37,10 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 DEFAULT_PROMPTS = ["caption en", "describe en", "ocr", "answer en what is in the image", "detect object"]
 # Decode feeds carry the whole KV cache: a few steps per prompt keep a 3B model's feeds bounded.
 DECODE_STEPS = 2
+DATASET_PAIRS = 32  # (image, prefix) pairs taken from a dataset (see the module's notes)
+CALIBRATION_SPLITS = ("train",)  # a dataset's split to calibrate on unless PATH:split names one
+
+Picture = Union[Path, Image.Image]
 
 
 @dataclass
@@ -68,6 +88,90 @@ def synthetic_images(count: int = 4, size: int = 224) -> list[Image.Image]:
     return images
 
 
+@dataclass(frozen=True)
+class CalibrationInputs:
+    """What ``record`` runs: (picture, prompt) pairs, and where they came from."""
+
+    pairs: tuple[tuple[Picture, str], ...]
+    origin: str  # the directory, the dataset and split, or "synthetic images"
+    kind: str  # "images" (every image x every prompt), "dataset" (each line's own prefix) or "synthetic"
+
+    @property
+    def images(self) -> int:
+        return len({_key(picture) for picture, _ in self.pairs})
+
+    @property
+    def prompts(self) -> int:
+        return len({prompt for _, prompt in self.pairs})
+
+    def describe(self) -> str:
+        if self.kind == "dataset":
+            return f"{len(self.pairs)} (image, prefix) pair(s) over {self.images} image(s) from {self.origin}"
+        return f"{self.images} image(s) x {self.prompts} prompt(s) from {self.origin}"
+
+    def report(self) -> dict:
+        return {"source": self.origin, "kind": self.kind, "images": self.images, "prompts": self.prompts,
+                "pairs": len(self.pairs)}
+
+
+def _key(picture: Picture):
+    return picture if isinstance(picture, Path) else id(picture)
+
+
+def is_dataset(path: str | Path) -> bool:
+    """Whether ``--calibration PATH`` names a JSONL dataset rather than a directory of images (module notes)."""
+    from ..evaluation.datasets import find_splits, parse_spec
+
+    spec = parse_spec(str(path))
+    if spec.split is not None or spec.path.suffix.lower() == ".jsonl":
+        return True
+    if not spec.path.is_dir():
+        return False
+    try:
+        find_splits(spec.path)
+    except InputError:
+        return False
+    return True
+
+
+def spread_pairs(lines: Sequence[tuple[Path, str]], limit: int = DATASET_PAIRS) -> list[tuple[Path, str]]:
+    """At most ``limit`` (image, prefix) lines spread over distinct images (see the module's notes),
+    grouped by image in the images' order."""
+    by_image: dict[Path, list[str]] = {}
+    for image, prefix in lines:
+        by_image.setdefault(image, []).append(prefix)
+    images = list(by_image)
+    if len(images) > limit:
+        images = [images[round(i * (len(images) - 1) / (limit - 1))] if limit > 1 else images[0] for i in range(limit)]
+    chosen: dict[Path, list[str]] = {image: [] for image in images}
+    taken = 0
+    for turn in range(max(len(by_image[image]) for image in images)):
+        for offset, image in enumerate(images):
+            prefixes = by_image[image]
+            if turn < len(prefixes) and taken < limit:
+                chosen[image].append(prefixes[(offset + turn) % len(prefixes)])
+                taken += 1
+    return [(image, prefix) for image, prefixes in chosen.items() for prefix in prefixes]  # grouped by image
+
+
+def calibration_inputs(path: str | Path | None, limit: int = DATASET_PAIRS) -> CalibrationInputs:
+    """The pairs to record for ``--calibration PATH``: a dataset's lines, a directory's images x prompts, or
+    without PATH synthetic pictures x the task prefixes. Bad input raises before any bundle loads."""
+    if path is None:
+        pictures = synthetic_images()
+        return CalibrationInputs(tuple((p, q) for p in pictures for q in DEFAULT_PROMPTS), "synthetic images", "synthetic")
+    if is_dataset(path):
+        from ..evaluation.datasets import load_dataset, parse_spec
+
+        spec = parse_spec(str(path))
+        dataset = load_dataset(spec, prefer=CALIBRATION_SPLITS)
+        pairs = spread_pairs([(r.image, r.prefix) for r in dataset.records], limit)
+        return CalibrationInputs(tuple(pairs), str(dataset), "dataset")
+    directory = Path(path)
+    images, prompts = images_in(directory), prompts_in(directory)
+    return CalibrationInputs(tuple((image, prompt) for image in images for prompt in prompts), str(directory), "images")
+
+
 # Inputs that are the same on every call (the tied embedding); recorded feeds leave them out.
 CONSTANT_INPUTS = ("embedding",)
 
@@ -107,17 +211,20 @@ class _Recorder:
         return getattr(self._session, name)
 
 
-def record(bundle: Path, images: list, prompts: list[str], decode_steps: int = DECODE_STEPS) -> CalibrationSet:
-    """Run every image with every prompt through the bundle (greedy), recording the graphs' feeds."""
+def record(bundle: Path, pairs: Sequence[tuple[Picture, str]], decode_steps: int = DECODE_STEPS) -> CalibrationSet:
+    """Run each (picture, prompt) pair through the bundle (greedy), recording the graphs' feeds;
+    consecutive pairs on one picture load it once."""
     recorded = CalibrationSet()
     with load(bundle, verify=False) as model:
-        model.feature_cache.max_entries = 0  # every image through the vision graph
+        model.feature_cache.max_entries = 0  # every pair's image through the vision graph
         backend = model.backend
         backend.vision = _Recorder(backend.vision, recorded.vision)
         backend.decoder = _Recorder(backend.decoder, recorded.decoder)
         options = GenerationOptions(max_new_tokens=decode_steps + 1)
-        for image in images:
-            picture = load_image(image)  # the runtime's loader (upright, RGB), once per picture
-            for prompt in prompts:  # one at a time: a batch would multiply each feed's KV cache
-                model.generate_batch([picture], [prompt], options)
+        loaded: dict = {}
+        for picture, prompt in pairs:  # one at a time: a batch would multiply each feed's KV cache
+            key = _key(picture)
+            if key not in loaded:  # the runtime's loader (upright, RGB), once per picture
+                loaded = {key: load_image(picture)}  # pairs come grouped by picture: keep the current one
+            model.generate_batch([loaded[key]], [prompt], options)
     return recorded

@@ -3,6 +3,19 @@
 Free-running greedy generation gives the exact-match rate and the first divergence step; teacher
 forcing (both bundles fed the reference's tokens) gives top-1 agreement per step and the logit
 deltas. Sizes on disk and peak memory come from separate per-bundle runs. Runtime only: no torch.
+
+What is decided here:
+
+- ``dataset`` is ``"shapes"`` (the generated held-out scenes) or a PaliGemma JSONL dataset
+  ``PATH[:split]``, read as ``eval`` reads it (its test split, else valid...) and refused whole, before
+  any bundle loads, when a line has a problem. The word ``shapes`` means the scenes: write
+  ``./shapes`` for a folder of that name.
+- With a JSONL dataset the task metrics are each bundle's ``eval`` metrics (flat ``kind/metric``) on
+  the first ``dataset_n`` lines (all when None), shown side by side with candidate - reference.
+- The token-agreement inputs are ``images_dir`` x the prompts when given; else the dataset's own
+  (image, prefix) lines, the first ``agreement_lines`` (32) of the lines scored: agreement is
+  measured step by step with both bundles in memory, and settles on far fewer cases than a task
+  metric needs. The shapes set gives its first 8 held-out pictures x the prompts, as before.
 """
 
 from __future__ import annotations
@@ -22,6 +35,10 @@ from ..runtime.model import PaliGemma, load
 from ..runtime.images import load_image
 from ..runtime.sampling import GenerationOptions
 from .calibration import DEFAULT_PROMPTS, images_in
+
+SHAPES = "shapes"
+AGREEMENT_LINES = 32  # dataset lines run for token agreement (see the module's notes)
+SHAPES_PICTURES = 8
 
 @dataclass(frozen=True)
 class Case:
@@ -51,7 +68,8 @@ class Comparison:
     mean_abs_logit_diff: float
     max_new_tokens: int
     # with a dataset: its task metrics for each bundle, {"reference": {...}, "candidate": {...}}
-    task_metrics: dict[str, dict[str, float]] | None = None
+    task_metrics: dict[str, dict[str, float | None]] | None = None
+    dataset: str | None = None  # what the task metrics were measured on
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -81,8 +99,12 @@ class Comparison:
         tasks = []
         if self.task_metrics:
             ref_m, cand_m = self.task_metrics["reference"], self.task_metrics["candidate"]
-            tasks = ["", "| task metric (held-out shapes) | reference | candidate |", "|---|---|---|"]
-            tasks += [f"| {name} | {ref_m[name]:.3f} | {cand_m[name]:.3f} |" for name in ref_m]
+            shown = lambda v: "n/a" if v is None else f"{v:.3f}"
+            delta = lambda a, b: "n/a" if a is None or b is None else f"{b - a:+.3f}"
+            tasks = ["", f"| task metric (`{self.dataset}`) | reference | candidate | delta |", "|---|---|---|---|"]
+            for name, ref_value in ref_m.items():
+                cand_value = cand_m.get(name)
+                tasks.append(f"| {name} | {shown(ref_value)} | {shown(cand_value)} | {delta(ref_value, cand_value)} |")
         return "\n".join(rows + summary + tasks) + "\n"
 
 
@@ -172,17 +194,59 @@ def _shapes_metrics(bundle: Path, n: int) -> dict[str, float]:
         return evaluate_shapes(model, n=n).metrics()
 
 
-def _shapes_pictures(count: int = 8) -> list:
+def _shapes_pictures(count: int = SHAPES_PICTURES) -> list:
     from ..shapes import scenes
 
     return [scenes.render(scenes.scene("heldout", index)) for index in range(count)]
 
 
+def _dataset_metrics(bundle: Path, dataset, lines: int | None) -> dict[str, float | None]:
+    from ..evaluation.evaluate import EvalOptions, evaluate_dataset
+
+    with load(bundle, verify=False) as model:
+        return evaluate_dataset(model, dataset, EvalOptions(limit=lines)).metrics()
+
+
+def _dataset_cases(dataset, count: int) -> list[tuple[object, Case]]:
+    """(picture, case) for the first ``count`` lines, each picture decoded once."""
+    pictures: dict[Path, object] = {}
+    inputs = []
+    for record in dataset.records[:count]:
+        if record.image not in pictures:
+            pictures[record.image] = load_image(record.image)
+        inputs.append((pictures[record.image], Case(record.prefix)))
+    return inputs
+
+
+def _agreement_inputs(images_dir, prompts_file, jsonl, count: int) -> list[tuple[object, Case]]:
+    """The token-agreement cases: the images x the prompts, else the dataset's first lines, else shapes pictures."""
+    if images_dir is None and jsonl is not None:
+        return _dataset_cases(jsonl, count)
+    cases = read_cases(Path(prompts_file) if prompts_file else None)
+    pictures = [load_image(p) for p in images_in(Path(images_dir))] if images_dir else _shapes_pictures()
+    return [(image, case) for image in pictures for case in cases]
+
+
+def _task_metrics(reference: Path, candidate: Path, dataset: str | None, jsonl, dataset_n: int | None):
+    """({"reference": metrics, "candidate": metrics}, what they were measured on), or (None, None)."""
+    if jsonl is not None:
+        measured = {"reference": _dataset_metrics(reference, jsonl, dataset_n),
+                    "candidate": _dataset_metrics(candidate, jsonl, dataset_n)}
+        return measured, f"{jsonl}" + (f", first {dataset_n} lines" if dataset_n else "")
+    if dataset is not None:
+        n = dataset_n or 100
+        return ({"reference": _shapes_metrics(reference, n), "candidate": _shapes_metrics(candidate, n)},
+                f"held-out shapes, {n} scenes")
+    return None, None
+
+
 def compare_bundles(reference: str | Path, candidate: str | Path, images_dir: str | Path | None = None,
                     prompts_file: str | Path | None = None, max_new_tokens: int = 32,
-                    dataset: str | None = None, dataset_n: int = 100) -> Comparison:
-    """Token agreement on ``images_dir`` (or a dataset's first held-out pictures); with ``dataset``
-    ("shapes"), also each bundle's task metrics on its first ``dataset_n`` held-out scenes."""
+                    dataset: str | None = None, dataset_n: int | None = None,
+                    agreement_lines: int = AGREEMENT_LINES) -> Comparison:
+    """Token agreement on ``images_dir`` x the prompts, or on a dataset's inputs (module notes); with
+    ``dataset`` ("shapes" or a JSONL ``PATH[:split]``), also each bundle's task metrics on its first
+    ``dataset_n`` scenes (default 100) or lines (default all)."""
     reference, candidate = Path(reference), Path(candidate)
     manifests = [read_manifest(b) if b.is_dir() else None for b in (reference, candidate)]
     if None in manifests:
@@ -190,12 +254,21 @@ def compare_bundles(reference: str | Path, candidate: str | Path, images_dir: st
     if manifests[0].decoder.vocab_size != manifests[1].decoder.vocab_size:
         raise InputError("the two bundles have different vocabularies: not the same model")
     if images_dir is None and dataset is None:
-        raise InputError("give --images DIR or --dataset shapes")
-    pictures = [load_image(p) for p in images_in(Path(images_dir))] if images_dir else _shapes_pictures()
-    cases = read_cases(Path(prompts_file) if prompts_file else None)
-    inputs = [(image, case) for image in pictures for case in cases]
-    options = GenerationOptions(max_new_tokens=max_new_tokens)
+        raise InputError("give --images DIR or --dataset shapes|PATH[:split]")
+    if agreement_lines < 1 or (dataset_n is not None and dataset_n < 1):
+        raise InputError("the numbers of lines to compare on must be at least 1")
+    jsonl = None
+    if dataset is not None and dataset != SHAPES:
+        if images_dir is None and prompts_file is not None:
+            raise InputError("--prompts goes with --images: a dataset's lines are prompted with their own prefixes")
+        from ..evaluation.evaluate import load_eval_dataset
 
+        jsonl = load_eval_dataset(dataset)  # a dataset with problems is refused here, before a bundle loads
+    inputs = _agreement_inputs(images_dir, prompts_file, jsonl, min(agreement_lines, dataset_n or agreement_lines))
+    # task metrics first: eval's checks (each prompt against each bundle, file:line) run before the long part
+    task_metrics, measured_on = _task_metrics(reference, candidate, dataset, jsonl, dataset_n)
+
+    options = GenerationOptions(max_new_tokens=max_new_tokens)
     ref_tokens, ref_stats = _free_run(reference, inputs, options)
     cand_tokens, cand_stats = _free_run(candidate, inputs, options)
     divergence = []
@@ -216,10 +289,7 @@ def compare_bundles(reference: str | Path, candidate: str | Path, images_dir: st
         exact_match_rate=sum(d is None for d in divergence) / len(inputs), first_divergence_steps=divergence,
         top1_agreement=hits / total if total else 1.0, max_abs_logit_diff=deltas.maximum,
         mean_abs_logit_diff=deltas.mean, max_new_tokens=max_new_tokens,
-        task_metrics=None if dataset is None else {
-            "reference": _shapes_metrics(reference, dataset_n),
-            "candidate": _shapes_metrics(candidate, dataset_n),
-        },
+        task_metrics=task_metrics, dataset=measured_on,
     )
 
 

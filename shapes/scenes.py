@@ -7,12 +7,16 @@ splits never share a scene and every run sees the same pictures. Needs only nump
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-SHAPES = ("circle", "square", "triangle")
+SHAPES = ("circle", "square", "triangle")  # what the committed paligemma-shapes model was trained on
+# Shapes the generator can also draw, for teaching the model something new (shapes/dataset.py).
+EXTRA_SHAPES = ("star",)
+ALL_SHAPES = SHAPES + EXTRA_SHAPES
 COLORS = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 215), "yellow": (230, 200, 30)}
 WORDS = (
     "stop", "exit", "open", "cafe", "taxi", "hotel", "bus", "park", "sale", "zoo",
@@ -47,7 +51,7 @@ class Scene:
         return sum(o.shape == shape for o in self.objects)
 
     def shapes_present(self) -> list[str]:
-        return [s for s in SHAPES if self.count(s)]
+        return [s for s in ALL_SHAPES if self.count(s)]
 
 
 def _overlaps(a, b, gap: int = _GAP) -> bool:
@@ -58,8 +62,10 @@ def _font(size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=size)
 
 
-def sample_scene(rng: np.random.Generator) -> Scene:
-    """Draw a scene description (no pixels yet) from ``rng``."""
+def sample_scene(rng: np.random.Generator, shapes: tuple[str, ...] = SHAPES) -> Scene:
+    """Draw a scene description (no pixels yet) from ``rng``, its objects among ``shapes``.
+
+    With the default ``shapes`` a seed gives the scene it always gave (the committed model's data)."""
     background = tuple(int(v) for v in rng.integers(228, 256, size=3))
     text, text_box, size, taken = None, None, 0, []
     if rng.random() < 0.5:
@@ -84,7 +90,7 @@ def sample_scene(rng: np.random.Generator) -> Scene:
         else:
             continue
         taken.append(box)
-        objects.append(ShapeObject(str(SHAPES[rng.integers(3)]), str(list(COLORS)[rng.integers(4)]), box))
+        objects.append(ShapeObject(str(shapes[rng.integers(len(shapes))]), str(list(COLORS)[rng.integers(4)]), box))
     objects.sort(key=lambda o: (o.box[0] + o.box[2], o.box[1]))
     return Scene(tuple(objects), text, text_box, size, background)
 
@@ -100,8 +106,23 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box, fill) -> None:
         draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)
     elif shape == "square":
         draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
-    else:
+    elif shape == "triangle":
         draw.polygon([((x0 + x1 - 1) / 2, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)], fill=fill)
+    elif shape == "star":
+        draw.polygon(_star_points(x0, y0, x1 - 1, y1 - 1), fill=fill)
+    else:
+        raise ValueError(f"no drawing for shape '{shape}' (known: {', '.join(ALL_SHAPES)})")
+
+
+def _star_points(x0: float, y0: float, x1: float, y1: float) -> list[tuple[float, float]]:
+    """A five-pointed star, point up, stretched so its outer points touch every side of the box."""
+    angles = [math.pi / 2 + k * math.pi / 5 for k in range(10)]
+    radii = [1.0 if k % 2 == 0 else 0.42 for k in range(10)]
+    xs = [r * math.cos(a) for r, a in zip(radii, angles)]
+    ys = [-r * math.sin(a) for r, a in zip(radii, angles)]
+    left, right, top, bottom = min(xs), max(xs), min(ys), max(ys)
+    return [(x0 + (x - left) / (right - left) * (x1 - x0), y0 + (y - top) / (bottom - top) * (y1 - y0))
+            for x, y in zip(xs, ys)]
 
 
 def render(scene_: Scene) -> Image.Image:

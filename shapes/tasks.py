@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .scenes import CANVAS, SHAPES, Scene, ShapeObject
+from .scenes import ALL_SHAPES, CANVAS, Scene, ShapeObject
 
 COUNT_QUESTION = "how many shapes are there"
 
@@ -42,7 +42,7 @@ def segmentation_answer(scene: Scene, names: list[str], seg_codes: dict[str, lis
 def questions(scene: Scene) -> list[tuple[str, str]]:
     """(question, answer) pairs the scene answers unambiguously."""
     pairs = [(COUNT_QUESTION, str(len(scene.objects)))]
-    for shape in SHAPES:
+    for shape in ALL_SHAPES:
         matching = [o for o in scene.objects if o.shape == shape]
         if len(matching) == 1:
             pairs.append((color_question(shape), matching[0].color))
@@ -60,12 +60,13 @@ def query_sets(scene: Scene, rng: np.random.Generator | None = None) -> list[lis
 
 
 def examples(scene: Scene, seg_codes: dict[str, list[int]], rng: np.random.Generator) -> list[tuple[str, str]]:
-    """Every (prefix, suffix) training pair of a scene."""
+    """Every (prefix, suffix) training pair of a scene (segment pairs only for shapes with seg codes)."""
     pairs = [("caption en", caption(scene))]
     pairs += [(f"answer en {q}", a) for q, a in questions(scene)]
     if scene.text is not None:
         pairs.append(("ocr", scene.text))
     for names in query_sets(scene, rng):
         pairs.append(("detect " + " ; ".join(names), detection_answer(scene, names)))
-        pairs.append(("segment " + " ; ".join(names), segmentation_answer(scene, names, seg_codes)))
+        if all(name in seg_codes for name in names):
+            pairs.append(("segment " + " ; ".join(names), segmentation_answer(scene, names, seg_codes)))
     return pairs

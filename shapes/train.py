@@ -4,8 +4,9 @@
 
 Steps: train the mask VQ-VAE (its encoder gives each shape's 16 seg codes, its decoder becomes
 ``vae-oid.npz``); build a small PaliGemmaForConditionalGeneration (real architecture, word-level
-BPE tokenizer plus the 1024 loc and 128 seg tokens); train it with transformers + torch on CPU
-(bf16 autocast, loss on the suffix only, one random task per scene); save a normal Hugging Face
+BPE tokenizer plus the 1024 loc and 128 seg tokens); train it on CPU with the repository's one
+training loop (finetune/loop.py, as ``finetune`` does: batches from transformers' processor with
+``suffix=``, loss on the suffix only, bf16 autocast), one random task per scene; save a normal Hugging Face
 checkpoint with the npz and a sample picture. Fixed seeds: the same command gives the same model
 on the same software. Needs the ``export`` extra (torch, transformers).
 """
@@ -24,6 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from ..export.tiny import TinySpec, build_model, build_tokenizer
+from ..finetune.data import Collator, Example
+from ..finetune.loop import LoopConfig, train_loop
+from ..finetune.options import Schedule
 from . import scenes, tasks, vqvae
 
 # Sampling weight of each task type per scene (the harder tasks more often).
@@ -54,6 +58,16 @@ class TrainConfig:
     scene_offset: int = 0  # first training scene index (a resumed stage sees new scenes)
     resume_from: str | None = None  # a checkpoint this script wrote: keep training it
 
+    def schedule(self) -> Schedule:
+        """Warmup, the peak until ``decay_from`` of the steps, then a cosine to 5% of it."""
+        return Schedule(warmup=self.warmup, decay_from=self.decay_from, floor=0.05)
+
+    def loop(self) -> LoopConfig:
+        """The recipe as the repository's training loop runs it (finetune/loop.py): AdamW with betas
+        (0.9, 0.98), weight decay on matrices, gradients clipped to 1, bf16 autocast on the CPU."""
+        return LoopConfig(steps=self.steps, lr=self.lr, schedule=self.schedule(), weight_decay=self.weight_decay,
+                          betas=(0.9, 0.98), max_grad_norm=1.0, bf16=True, device="cpu", log_every=50)
+
     def spec(self) -> TinySpec:
         return TinySpec(
             family=2, image_size=self.image_size, patch_size=self.patch_size,
@@ -78,22 +92,12 @@ def corpus(scenes_used: int = 3000) -> list[str]:
     return lines
 
 
-def lr_at(step: int, config: TrainConfig) -> float:
-    if step < config.warmup:
-        return config.lr * (step + 1) / config.warmup
-    start = int(config.decay_from * config.steps)
-    if step < start:
-        return config.lr
-    progress = (step - start) / max(1, config.steps - start)
-    return config.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def _task_kind(prefix: str) -> str:
     return prefix.split(" ", 1)[0]
 
 
 def sample_example(index: int, seg_codes: dict[str, list[int]], task_weights: dict[str, float] = TASK_WEIGHTS
-                   ) -> tuple[scenes.Scene, str, str]:
+                   ) -> Example:
     """Training scene ``index`` with one of its (prefix, suffix) pairs, drawn by ``task_weights``."""
     rng = np.random.default_rng([7, index])
     scene = scenes.scene("train", index)
@@ -103,45 +107,7 @@ def sample_example(index: int, seg_codes: dict[str, list[int]], task_weights: di
     kinds = [_task_kind(p) for p, _ in pairs]
     weights = weights / np.array([kinds.count(k) for k in kinds])
     prefix, suffix = pairs[rng.choice(len(pairs), p=weights / weights.sum())]
-    return scene, prefix, suffix
-
-
-def pixel_values(images, size: int) -> np.ndarray:
-    """What the processor does (PIL bicubic resize, rescale, normalize with 0.5 / 0.5)."""
-    from PIL import Image
-
-    arrays = [np.asarray(im.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float64) / 255.0 for im in images]
-    return ((np.stack(arrays).astype(np.float32) - 0.5) / 0.5).transpose(0, 3, 1, 2)
-
-
-class Batcher:
-    """Token ids, masks and labels laid out as PaliGemmaProcessor does with ``suffix=``."""
-
-    def __init__(self, tokenizer, image_tokens: int, image_id: int):
-        self.tokenizer, self.image_tokens, self.image_id = tokenizer, image_tokens, image_id
-
-    def ids(self, prefix: str, suffix: str) -> tuple[list[int], list[int]]:
-        tok = self.tokenizer
-        head = [self.image_id] * self.image_tokens + [tok.bos_token_id] + tok.encode(prefix + "\n", add_special_tokens=False)
-        return head, tok.encode(suffix, add_special_tokens=False) + [tok.eos_token_id]
-
-    def __call__(self, pairs: list[tuple[str, str]]):
-        import torch
-
-        rows = [self.ids(p, s) for p, s in pairs]
-        length = max(len(h) + len(t) for h, t in rows)
-        shape = (len(rows), length)
-        input_ids = torch.full(shape, self.tokenizer.pad_token_id, dtype=torch.long)
-        attention = torch.zeros(shape, dtype=torch.long)
-        token_type = torch.ones(shape, dtype=torch.long)
-        labels = torch.full(shape, -100, dtype=torch.long)
-        for i, (head, tail) in enumerate(rows):  # right padding: positions stay 1..n for real tokens
-            n = len(head) + len(tail)
-            input_ids[i, :n] = torch.tensor(head + tail)
-            attention[i, :n] = 1
-            token_type[i, : len(head)] = 0
-            labels[i, len(head):n] = torch.tensor(tail)
-        return dict(input_ids=input_ids, attention_mask=attention, token_type_ids=token_type, labels=labels)
+    return Example(scenes.render(scene), prefix, suffix, _task_kind(prefix))
 
 
 def smooth_loc_embeddings(model, tokenizer, seed: int) -> None:
@@ -201,48 +167,19 @@ def train(output_dir: Path, config: TrainConfig, log=print) -> dict:
     else:
         model, processor, seg_codes, mask_model = _fresh(config, log)
         history = []
-    tokenizer = processor.tokenizer
-    model.train()
-    image_size = model.config.vision_config.image_size
-    image_tokens = (image_size // model.config.vision_config.patch_size) ** 2
+    vision = model.config.vision_config
+    image_tokens = (vision.image_size // vision.patch_size) ** 2
     weights = dict(config.task_weights)
-    batcher = Batcher(tokenizer, image_tokens, model.config.image_token_id)
     parameters = sum(p.numel() for p in model.parameters())
     log(f"[2/3] PaliGemma: {parameters / 1e6:.1f}M parameters, {image_tokens} image tokens, "
         f"{config.steps} steps x {config.batch}")
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr, betas=(0.9, 0.98),
-    )
-    running: dict[str, list[float]] = {}
-    for step in range(config.steps):
+
+    def source(step: int) -> list[list[Example]]:  # one batch a step, of scenes no step saw before
         first = config.scene_offset + step * config.batch
-        examples = [sample_example(first + i, seg_codes, weights) for i in range(config.batch)]
-        pixels = torch.from_numpy(pixel_values([scenes.render(s) for s, _, _ in examples], image_size))
-        batch = batcher([(p, s) for _, p, s in examples])
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, config)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = model(pixel_values=pixels, **{k: v for k, v in batch.items() if k != "labels"}).logits
-        token_loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().transpose(1, 2), batch["labels"][:, 1:], reduction="none"
-        )
-        mask = (batch["labels"][:, 1:] != -100).float()
-        loss = (token_loss * mask).sum() / mask.sum()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        per_row = ((token_loss * mask).sum(1) / mask.sum(1)).tolist()
-        for (_, prefix, _), value in zip(examples, per_row):
-            running.setdefault(_task_kind(prefix), []).append(value)
-        if (step + 1) % 50 == 0 or step + 1 == config.steps:
-            summary = " ".join(f"{k} {np.mean(v):.3f}" for k, v in sorted(running.items()))
-            log(f"      step {step + 1}/{config.steps} lr {lr_at(step, config):.2e} loss {summary} "
-                f"({time.time() - started:.0f} s)")
-            running = {}
+        return [[sample_example(first + i, seg_codes, weights) for i in range(config.batch)]]
+
+    result = train_loop(model, source, Collator(processor), config.loop(), progress=lambda line: log("      " + line),
+                        kind_of=lambda example: example.kind)
 
     log(f"[3/3] saving to {output_dir}")
     model.eval()
@@ -254,7 +191,8 @@ def train(output_dir: Path, config: TrainConfig, log=print) -> dict:
     else:
         vqvae.save_npz(mask_model, output_dir / "vae-oid.npz")
     scenes.render(scenes.scene("heldout", 0)).save(output_dir / "sample.png")
-    stage = {"config": asdict(config), "train_seconds": round(time.time() - started)}
+    stage = {"config": asdict(config), "train_seconds": round(time.time() - started), "log": list(result.log),
+             "losses": [round(x, 6) for x in result.losses]}
     record = {"seg_codes": seg_codes, "parameters": parameters, "stages": history + [stage]}
     (output_dir / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     return record

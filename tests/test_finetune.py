@@ -7,6 +7,7 @@ init (0.02) a 64-wide tied head cannot make any token likely, so no training cou
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from PIL import Image
 
 from paligemma_edge.evaluation.datasets import DatasetError
 from paligemma_edge.finetune.data import Collator, Example, example_indices
-from paligemma_edge.finetune.options import FinetuneOptions, Schedule
+from paligemma_edge.finetune.options import FinetuneOptions
 from paligemma_edge.finetune.run import checkpoint_path, finetune
 from paligemma_edge.runtime.errors import InputError
 
@@ -87,27 +88,6 @@ def test_processor_labels_are_the_suffix_and_eos_only(base):
         assert token_type == [0] * (n - len(tail)) + [1] * len(tail) + [0] * (len(ids) - n)
 
 
-def test_collator_matches_the_shapes_trainers_batches():
-    """The shapes trainer's hand-made batches are what the processor makes: it can use this collator."""
-    from transformers import AutoProcessor
-
-    from paligemma_edge.shapes import scenes
-    from paligemma_edge.shapes.train import Batcher, pixel_values
-
-    checkpoint = Path(__file__).resolve().parents[1] / "models" / "paligemma-shapes"
-    processor = AutoProcessor.from_pretrained(checkpoint, backend="pil")
-    pictures = [scenes.render(scenes.scene("train", i)) for i in range(2)]
-    pairs = [("caption en", "a red circle"), ("detect square", "<loc0100><loc0200><loc0300><loc0400> square")]
-    ours = Collator(processor)([Example(p, prefix, suffix) for p, (prefix, suffix) in zip(pictures, pairs)])
-    size = processor.image_processor.size["height"]
-    theirs = Batcher(processor.tokenizer, processor.image_seq_length, processor.image_token_id)(pairs)
-    for key in ("input_ids", "attention_mask", "labels"):
-        assert ours[key].tolist() == theirs[key].tolist(), key
-    real = theirs["attention_mask"].bool()
-    assert ours["token_type_ids"][real].tolist() == theirs["token_type_ids"][real].tolist()
-    np.testing.assert_allclose(ours["pixel_values"].numpy(), pixel_values(pictures, size), atol=1e-5)
-
-
 def test_example_order_is_a_permutation_per_epoch_and_a_function_of_the_step():
     steps = [example_indices(step, 3, 2, 10, seed=5) for step in range(5)]  # 30 examples: 3 epochs of 10
     flat = [i for step in steps for micro in step for i in micro]
@@ -120,12 +100,15 @@ def test_example_order_is_a_permutation_per_epoch_and_a_function_of_the_step():
 
 
 def test_schedule_is_the_shapes_recipe():
-    from paligemma_edge.shapes.train import TrainConfig, lr_at
+    from paligemma_edge.shapes.train import TrainConfig
 
-    config = TrainConfig(steps=400, lr=1e-3, warmup=30, decay_from=0.6)
-    schedule = Schedule(warmup=30, decay_from=0.6, floor=0.05)
-    for step in range(400):
-        assert schedule.lr_at(step, 400, 1e-3) == pytest.approx(lr_at(step, config), rel=1e-12)
+    schedule = TrainConfig(steps=400, lr=1e-3, warmup=30, decay_from=0.6).schedule()
+    lr = lambda step: schedule.lr_at(step, 400, 1e-3)
+    assert lr(0) == pytest.approx(1e-3 / 30) and lr(29) == pytest.approx(1e-3)  # linear warmup
+    assert lr(30) == lr(239) == 1e-3  # the peak until 60% of the steps
+    assert lr(240) == pytest.approx(1e-3)  # the cosine starts at the peak ...
+    assert lr(320) == pytest.approx(1e-3 * (0.05 + 0.95 * 0.5))  # ... is halfway down halfway through ...
+    assert lr(399) == pytest.approx(1e-3 * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * 159 / 160))))  # ... to 5%
     default = FinetuneOptions(steps=100).schedule(100)
     assert default.lr_at(0, 100, 1.0) == pytest.approx(0.2) and default.lr_at(99, 100, 1.0) < 0.01
 

@@ -109,3 +109,94 @@ def test_mask_iou():
     a[:2], b[1:3] = True, True
     assert metrics.mask_iou(a, b) == pytest.approx(4 / 12)
     assert metrics.mask_iou(a, a) == 1.0
+
+
+# Scene descriptions of the first 200 train and held-out scenes, as the committed paligemma-shapes model
+# was trained and is evaluated on (computed with the scene generator before it could draw more shapes).
+COMMITTED_SCENES_SHA256 = "ffeb8da147725269ef3e7b132e9e57dc192e3ba52d5731a2f1f958d71ccb67b0"
+
+
+def test_adding_shapes_leaves_the_committed_models_scenes_unchanged():
+    described = repr([scenes.scene(split, i) for split in ("train", "heldout") for i in range(200)])
+    assert hashlib.sha256(described.encode()).hexdigest() == COMMITTED_SCENES_SHA256
+
+
+def test_a_star_touches_every_side_of_its_box_and_fills_part_of_it():
+    star = scenes.ShapeObject("star", "red", (30, 40, 130, 140))
+    mask = scenes.object_mask(star)
+    ys, xs = np.nonzero(mask)
+    assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == star.box
+    fill = mask.sum() / (100 * 100)
+    assert 0.3 < fill < 0.5  # a five-pointed star, not its box (1.0) nor a thin outline
+    square = scenes.object_mask(scenes.ShapeObject("square", "red", star.box))
+    assert mask.sum() < square.sum() and not (mask & ~square).any()
+    with pytest.raises(ValueError, match="no drawing for shape 'hexagon'"):
+        scenes.render(scenes.Scene((scenes.ShapeObject("hexagon", "red", star.box),), None, None, 0, (255, 255, 255)))
+
+
+def test_scenes_with_an_added_shape_draw_it_and_ask_about_it():
+    from paligemma_edge.shapes.dataset import split_scene
+
+    drawn = [split_scene("train", i, scenes.ALL_SHAPES) for i in range(200)]
+    with_star = [s for s in drawn if s.count("star")]
+    assert 0.3 < len(with_star) / len(drawn) < 0.6
+    single = next(s for s in with_star if s.count("star") == 1)
+    assert (tasks.color_question("star"), next(o.color for o in single.objects if o.shape == "star")) in tasks.questions(single)
+    pairs = tasks.examples(single, {s: list(range(16)) for s in scenes.SHAPES}, np.random.default_rng(0))
+    assert ("detect star", tasks.detection_answer(single, ["star"])) in pairs
+    assert not any(p.startswith("segment") and "star" in p for p, _ in pairs)  # no seg codes for it
+
+
+def test_write_dataset_in_roboflows_layout(tmp_path):
+    from paligemma_edge.evaluation.datasets import check_dataset, load_dataset
+    from paligemma_edge.runtime.errors import InputError
+    from paligemma_edge.shapes.dataset import main, write_dataset
+
+    out = tmp_path / "stars"
+    codes = {s: list(range(16)) for s in scenes.SHAPES}
+    written = write_dataset(out, ("star",), {"train": 6, "valid": 2, "test": 12}, codes)
+    summary = check_dataset(out)
+    assert summary.ok and summary.layout == "roboflow"
+    dataset = load_dataset(out)
+    assert {name: len(records) for name, records in dataset.splits.items()} == written
+    assert sorted((out / "dataset").glob("_annotations.*.jsonl")) == [
+        out / "dataset" / f"_annotations.{s}.jsonl" for s in ("test", "train", "valid")]
+    test = dataset.splits["test"]
+    assert test and {r.prefix for r in test} <= {"detect star", "answer en what color is the star"}
+    for record in test:
+        index = int(record.image.stem.split("-")[1])
+        scene = scenes.sample_scene(np.random.default_rng([3_000_023, index]), scenes.ALL_SHAPES)
+        if record.kind == "detect":
+            found = [d.box for d in parse_detections(record.suffix, scenes.CANVAS, scenes.CANVAS)]
+            truth = [o.box for o in scene.objects if o.shape == "star"]
+            assert len(found) == len(truth) and all(max(abs(a - b) for a, b in zip(f, t)) <= 1 for f, t in zip(found, truth))
+    assert {r.kind for r in dataset.splits["train"]} >= {"caption", "answer", "detect", "segment"}
+    with pytest.raises(InputError, match="exists; pass --force"):
+        write_dataset(out, ("star",), {"train": 1}, codes)
+    assert main([str(tmp_path / "none"), "--test", "3"]) == 2  # a test split needs an added shape
+    assert not (tmp_path / "none").exists() and not (tmp_path / "none.partial").exists()
+
+
+def test_the_walkthrough_table_checks_its_goals(tmp_path):
+    import json
+
+    from paligemma_edge.shapes import walkthrough
+
+    def write(name, recall, vqa, caption, det):
+        star = {"kinds": [{"kind": "detect", "metrics": {"recall_50": recall, "map_50": recall - 0.1}},
+                          {"kind": "answer", "metrics": {"vqa_exact_match": vqa}}]}
+        old = {"caption_exact_match": caption, "vqa_accuracy": 1.0, "ocr_exact_match": 0.84,
+               "detection_recall": det, "segmentation_miou": 0.89}
+        (tmp_path / f"eval-{name}-star.json").write_text(json.dumps(star))
+        (tmp_path / f"eval-{name}-shapes.json").write_text(json.dumps(old))
+
+    write("base-fp32", 0.0, 0.68, 0.99, 0.976)
+    write("star-fp32", 0.90, 0.95, 0.97, 0.95)  # detect recall 0.026 below the base: within 0.03
+    write("star-int4", 0.86, 0.95, 0.97, 0.95)  # recall 0.04 below the merged fp32: missed
+    table = walkthrough.table(tmp_path)
+    assert "| star-int4 | 0.860 | 0.760 | 0.950 |" in table
+    met = dict(walkthrough.goals({n: walkthrough.figures(tmp_path, n) for n in ("base-fp32", "star-fp32", "star-int4")}))
+    assert met["star recall@0.5 >= 0.85 after fine-tuning (0.900)"]
+    assert met["detect recall within 0.03 of the committed model (-0.026)"]
+    assert not met["star-int4 within 0.03 of star-fp32 on every figure (worst -0.040)"]
+    assert "| star-int4 within 0.03 of star-fp32 on every figure (worst -0.040) | **no** |" in table

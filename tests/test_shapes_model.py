@@ -75,26 +75,6 @@ def test_mask_decoder_reproduces_the_shapes_from_their_seg_codes():
             assert mask_iou(resized, scenes.box_mask(shape, size)) > 0.95, shape
 
 
-def test_training_batches_match_the_processor(tmp_path):
-    """Our training layout (ids, token types, labels) is what PaliGemmaProcessor makes with suffix=."""
-    from transformers import AutoProcessor
-
-    from paligemma_edge.shapes.train import Batcher
-
-    processor = AutoProcessor.from_pretrained(SHAPES_CHECKPOINT, backend="pil")
-    tokenizer = processor.tokenizer
-    image_tokens = processor.image_seq_length
-    batcher = Batcher(tokenizer, image_tokens, tokenizer.convert_tokens_to_ids("<image>"))
-    scene = next(s for s in (scenes.scene("train", i) for i in range(20)) if len(s.objects) == 2)
-    codes = {shape: list(range(16)) for shape in scenes.SHAPES}
-    for prefix, suffix in tasks.examples(scene, codes, np.random.default_rng(0)):
-        expected = processor(images=scenes.render(scene), text="<image>" + prefix, suffix=suffix, return_tensors="np")
-        batch = batcher([(prefix, suffix)])
-        assert batch["input_ids"][0].tolist() == expected["input_ids"][0].tolist()
-        assert batch["token_type_ids"][0].tolist() == expected["token_type_ids"][0].tolist()
-        assert batch["labels"][0].tolist() == expected["labels"][0].tolist()
-
-
 def test_training_script_runs_end_to_end(tmp_path):
     """Two steps of each stage: the script writes a checkpoint transformers loads (no accuracy claim)."""
     import subprocess
