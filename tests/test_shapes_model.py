@@ -102,7 +102,7 @@ def test_int8_compare_reports_task_metrics(shapes_bundle, tmp_path):
     assert set(report["task_metrics"]) == {"reference", "candidate"}
     assert set(report["task_metrics"]["candidate"]) >= set(evaluate.TARGETS)
     assert report["task_metrics"]["candidate"]["vqa_accuracy"] >= 0.9
-    assert "task metric (held-out shapes)" in result.stdout
+    assert "| task metric (`held-out shapes, 10 scenes`) | reference | candidate | delta |" in result.stdout
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])
