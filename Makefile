@@ -9,7 +9,7 @@ SHAPES := models/paligemma-shapes
 # torch is pinned to the CPU wheel this project is tested with (an open range pulls a CUDA build).
 TORCH := torch==2.13.0
 
-.PHONY: install install-runtime demo walkthrough test bench clean
+.PHONY: install install-runtime demo walkthrough lint test bench clean
 
 install:
 	$(PIP) install -q $(TORCH)
@@ -53,6 +53,9 @@ walkthrough: install
 	$(PYTHON) -m paligemma_edge eval $(WALK)/star-fp32 --dataset $(WALK)/shapes-star:test \
 		--prefix-variants shapes/walkthrough-variants.txt --json $(WALK)/variants.json --markdown $(WALK)/variants.md
 	$(PYTHON) -m paligemma_edge.shapes.walkthrough $(WALK) | tee $(WALK)/results.md
+
+lint: install  # ruff (pyflakes and pycodestyle's errors; pyproject.toml [tool.ruff]); CI runs it before the tests
+	$(PYTHON) -m ruff check --no-cache .
 
 test: install
 	$(PYTHON) -m pytest -q --durations=25

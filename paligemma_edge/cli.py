@@ -18,9 +18,10 @@ from typing import Sequence
 
 from . import extras
 from .runtime.errors import InputError, PaliGemmaEdgeError
+from .runtime.tasks import TASKS
+
 # Kept in sync with export.bundle.DEFAULT_TOLERANCE by a test; importing export here would need torch.
 DEFAULT_TOLERANCE = 1e-3
-from .runtime.tasks import TASKS
 
 
 class _Parser(argparse.ArgumentParser):

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import InputError
+from .manifest import MANIFEST_NAME, Manifest, sha256_file
 
 # ONNX protobufs cannot exceed 2 GiB: graphs whose weights reach this go to external data.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
-from .manifest import MANIFEST_NAME, Manifest, sha256_file
 
 
 def package_versions(packages: tuple[str, ...]) -> dict[str, str]:

@@ -25,8 +25,8 @@ def test_systemd_unit_commands_parse():
 
 def test_container_command_parses():
     lines = (DEPLOY / "Dockerfile.jetson").read_text().splitlines()
-    entrypoint = json.loads(next(l for l in lines if l.startswith("ENTRYPOINT ")).split(" ", 1)[1])
-    command = json.loads(next(l for l in lines if l.startswith("CMD ")).split(" ", 1)[1])
+    entrypoint = json.loads(next(line for line in lines if line.startswith("ENTRYPOINT ")).split(" ", 1)[1])
+    command = json.loads(next(line for line in lines if line.startswith("CMD ")).split(" ", 1)[1])
     assert entrypoint == ["paligemma-edge"]
     args = build_parser().parse_args(command)
     assert args.command == "serve" and args.host == "0.0.0.0"
