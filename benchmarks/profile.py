@@ -13,7 +13,6 @@ profiler lists those inputs (weights pre-packed at load, such as the int8 and in
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import sys
@@ -72,8 +71,6 @@ def profile_decode(bundle: str, new_tokens: int = 8, threads: int | None = None)
     from ..runtime.sampling import GenerationOptions
 
     with tempfile.TemporaryDirectory() as scratch, load(bundle, verify=False, threads=threads) as model:
-        # every run decodes exactly new_tokens tokens, as in the benchmark rows
-        model.manifest = dataclasses.replace(model.manifest, tokens=dataclasses.replace(model.manifest.tokens, eos=()))
         backend = model.backend
         backend.decoder = None  # the profiling session replaces it: never both in memory (a 3B fp32 decoder is 8 GB)
         gc.collect()
@@ -82,7 +79,8 @@ def profile_decode(bundle: str, new_tokens: int = 8, threads: int | None = None)
         options.profile_file_prefix = str(Path(scratch) / "decoder")
         graph_path = Path(bundle) / model.manifest.decoder_graph.file
         backend.decoder = ort.InferenceSession(str(graph_path), sess_options=options, providers=backend.providers())
-        model.generate_batch([scene_image()], ["caption en"], GenerationOptions(max_new_tokens=new_tokens))
+        # every run decodes exactly new_tokens tokens, as in the benchmark rows
+        model.generate_batch([scene_image()], ["caption en"], GenerationOptions(max_new_tokens=new_tokens, ignore_eos=True))
         events = json.loads(Path(backend.decoder.end_profiling()).read_text())
         weight_shapes = _weight_shapes(graph_path, backend.host_embedding.table)
         head_bytes = backend.host_embedding.head_bytes()

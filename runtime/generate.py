@@ -98,6 +98,7 @@ def generate_steps(
     sampler = Sampler(options, rows)
     room = max(0, spec.max_seq_len - width)
     budgets = np.array([min(sampler.max_new_tokens(row), room) for row in range(rows)])
+    stops_at_eos = np.array([sampler.stops_at_eos(row) for row in range(rows)])
     logits, state = prefill(backend, spec, batch, image_embeds)
     can_drop = callable(getattr(backend, "keep_rows", None))
     in_cache = np.arange(rows)  # the batch rows the cache holds, in its order
@@ -108,7 +109,7 @@ def generate_steps(
         tokens = np.full(rows, pad_id, dtype=np.int64)
         tokens[in_cache] = sampler.choose(logits, in_cache)
         tokens[finished] = pad_id
-        reached_eos = active & np.isin(tokens, eos_ids)
+        reached_eos = active & stops_at_eos & np.isin(tokens, eos_ids)
         produced += active
         finished = finished | reached_eos | (produced >= budgets)
         yield Step(tokens=tokens, active=active, reached_eos=reached_eos, finished=finished.copy())

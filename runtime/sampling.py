@@ -12,13 +12,16 @@ from .errors import InputError
 
 @dataclass(frozen=True)
 class GenerationOptions:
-    """Decoding options. temperature 0 is greedy; top_k 0 and top_p 1 disable those filters."""
+    """Decoding options. temperature 0 is greedy; top_k 0 and top_p 1 disable those filters.
+    ``ignore_eos`` decodes on past end-of-sequence ids (kept as ordinary tokens) to ``max_new_tokens``:
+    what benchmarks and profiles use to time a fixed number of steps."""
 
     max_new_tokens: int = 32
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
+    ignore_eos: bool = False
 
     def __post_init__(self):
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -89,7 +92,13 @@ class Sampler:
             self._rngs = [np.random.default_rng(o.seed) for o in self.per_row]
 
     def max_new_tokens(self, row: int) -> int:
-        return (self.options if self.per_row is None else self.per_row[row]).max_new_tokens
+        return self._of(row).max_new_tokens
+
+    def stops_at_eos(self, row: int) -> bool:
+        return not self._of(row).ignore_eos
+
+    def _of(self, row: int) -> GenerationOptions:
+        return self.options if self.per_row is None else self.per_row[row]
 
     def choose(self, logits: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """logits [len(rows), vocab] of the batch rows ``rows`` -> their next token ids."""

@@ -60,3 +60,24 @@ def test_sampling_is_reproducible_and_follows_the_distribution():
 def test_bad_options_are_input_errors(bad):
     with pytest.raises(InputError):
         GenerationOptions(**bad)
+
+
+def test_ignore_eos_decodes_past_eos_to_the_budget_row_by_row(shapes_bundle):
+    """A trained model stops at eos; with ignore_eos its row goes on to max_new_tokens, eos kept as a token,
+    while the other rows of the same batch still stop at eos."""
+    from paligemma_edge import load
+    from paligemma_edge.shapes import scenes
+
+    picture = scenes.render(scenes.scene("heldout", 2))
+    prompts = ["caption en", "answer en how many shapes are there"]
+    with load(shapes_bundle, verify=False) as model:
+        eos = set(model.manifest.tokens.eos)
+        plain = model.generate_batch([picture], prompts, GenerationOptions(max_new_tokens=20))
+        assert all(g.finish_reason == "eos" and len(g.token_ids) < 10 for g in plain)
+        mixed = model.generate_batch([picture], prompts, [GenerationOptions(max_new_tokens=20, ignore_eos=True),
+                                                          GenerationOptions(max_new_tokens=20)])
+    on, stopped = mixed
+    assert on.finish_reason == "length" and len(on.token_ids) == 20
+    assert on.token_ids[:len(plain[0].token_ids)] == plain[0].token_ids  # the same answer first ...
+    assert on.token_ids[len(plain[0].token_ids)] in eos  # ... then the eos it would have stopped at
+    assert (stopped.token_ids, stopped.finish_reason, stopped.text) == (plain[1].token_ids, "eos", plain[1].text)
