@@ -150,7 +150,7 @@ def test_scenes_with_an_added_shape_draw_it_and_ask_about_it():
 def test_write_dataset_in_roboflows_layout(tmp_path):
     from paligemma_edge.evaluation.datasets import check_dataset, load_dataset
     from paligemma_edge.runtime.errors import InputError
-    from paligemma_edge.shapes.dataset import main, write_dataset
+    from paligemma_edge.shapes.dataset import main, split_scene, write_dataset
 
     out = tmp_path / "stars"
     codes = {s: list(range(16)) for s in scenes.SHAPES}
@@ -165,7 +165,7 @@ def test_write_dataset_in_roboflows_layout(tmp_path):
     assert test and {r.prefix for r in test} <= {"detect star", "answer en what color is the star"}
     for record in test:
         index = int(record.image.stem.split("-")[1])
-        scene = scenes.sample_scene(np.random.default_rng([3_000_023, index]), scenes.ALL_SHAPES)
+        scene = split_scene("test", index, scenes.ALL_SHAPES)
         if record.kind == "detect":
             found = [d.box for d in parse_detections(record.suffix, scenes.CANVAS, scenes.CANVAS)]
             truth = [o.box for o in scene.objects if o.shape == "star"]
