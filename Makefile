@@ -13,7 +13,8 @@ TORCH := torch==2.13.0
 
 install:
 	$(PIP) install -q $(TORCH)
-	$(PIP) install -q -e ".[export,finetune,apps,eval,test,bench,tensorrt-rtx,gpu]"
+	$(PIP) install -q -e ".[export,finetune,apps,eval,test,lint,bench,tensorrt-rtx,gpu]"
+	$(PYTHON) tools/link_tree.py  # build/typecheck: the package as mypy, pyright and editors can follow it
 
 install-runtime:  # what a device needs: numpy, pillow, tokenizers, onnxruntime
 	$(PIP) install -q -e .
@@ -54,8 +55,9 @@ walkthrough: install
 		--prefix-variants shapes/walkthrough-variants.txt --json $(WALK)/variants.json --markdown $(WALK)/variants.md
 	$(PYTHON) -m paligemma_edge.shapes.walkthrough $(WALK) | tee $(WALK)/results.md
 
-lint: install  # ruff (pyflakes and pycodestyle's errors; pyproject.toml [tool.ruff]); CI runs it before the tests
+lint: install  # ruff and mypy (pyproject.toml [tool.ruff], [tool.mypy]); CI runs it before the tests
 	$(PYTHON) -m ruff check --no-cache .
+	$(PYTHON) -m mypy
 
 test: install
 	$(PYTHON) -m pytest -q --durations=25

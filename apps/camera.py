@@ -64,7 +64,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..runtime.drawing import draw_results
 from ..runtime.errors import InputError
-from ..runtime.sampling import GenerationOptions
+from ..runtime.generation.sampling import GenerationOptions
 from .video_sources import (  # noqa: F401  (frame_to_picture, FrameGrabber, ... are this app's API too)
     Capture, Frame, FrameGrabber, Pacer, VideoSource, file_timestamp, frame_to_picture, masked, open_reader,
     open_source, open_sources, opencv, short_name, source_kind,

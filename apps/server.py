@@ -32,8 +32,8 @@ from PIL import Image
 from ..runtime.errors import InputError, PaliGemmaEdgeError
 from ..runtime.model import PaliGemma, load
 from ..runtime.images import ImageTooLargeError, load_image
-from ..runtime.sampling import GenerationOptions
-from ..runtime.tasks import LANGUAGES, TASKS, resolve_prompt
+from ..runtime.generation.sampling import GenerationOptions
+from ..runtime.generation.tasks import LANGUAGES, TASKS, resolve_prompt
 from . import openai_api
 from .metrics import ServerMetrics
 from .worker import Cancelled, DeadlineExceeded, Job, ModelWorker, QueueFull, WorkerClosed

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ..runtime.backends.base import BACKENDS
 from ..runtime.errors import InputError
-from ..runtime.manifest import read_manifest
+from ..runtime.bundle.manifest import read_manifest
 from .triton_io import IMAGE, OPTION_FIELDS, OUTPUTS, TEXT_FIELDS, ServingLimits
 
 CPU_BACKENDS = frozenset({"onnxruntime"})

@@ -29,9 +29,9 @@ from PIL import Image
 from ..runtime.errors import InputError
 from ..runtime.images import load_image
 from ..runtime.model import PaliGemma, TaskResult
-from ..runtime.results import Generation, TokenChunk
-from ..runtime.sampling import GenerationOptions
-from ..runtime.tasks import resolve_prompt
+from ..runtime.generation.results import Generation, TokenChunk
+from ..runtime.generation.sampling import GenerationOptions
+from ..runtime.generation.tasks import resolve_prompt
 from .triton_io import IMAGE, OPTION_FIELDS, PARAMETERS, TEXT_FIELDS, ServingLimits
 
 log = logging.getLogger("paligemma_edge.triton")

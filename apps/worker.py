@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..runtime.model import PaliGemma
-from ..runtime.results import Generation, TokenChunk
-from ..runtime.sampling import GenerationOptions
+from ..runtime.generation.results import Generation, TokenChunk
+from ..runtime.generation.sampling import GenerationOptions
 
 log = logging.getLogger("paligemma_edge.serve")
 

@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 
 from ..runtime.errors import BundleError, InputError, PaliGemmaEdgeError
-from ..runtime.manifest import read_manifest
+from ..runtime.bundle.manifest import read_manifest
 from .models import MODELS, build_model
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..export.tiny import TinySpec, build_checkpoint
+from ..fixtures.tiny import TinySpec, build_checkpoint
 
 REAL_VOCAB_ROWS = 257_216
 

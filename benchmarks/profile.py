@@ -65,10 +65,10 @@ def profile_decode(bundle: str, new_tokens: int = 8, threads: int | None = None)
     """Per-op-type and per-node times of the median decode step (ms), from ONNX Runtime's profiler."""
     import onnxruntime as ort
 
-    from ..export.tiny import scene_image
+    from ..fixtures.tiny import scene_image
     from ..runtime.backends.onnxruntime import session_options
     from ..runtime.model import load
-    from ..runtime.sampling import GenerationOptions
+    from ..runtime.generation.sampling import GenerationOptions
 
     with tempfile.TemporaryDirectory() as scratch, load(bundle, verify=False, threads=threads) as model:
         backend = model.backend

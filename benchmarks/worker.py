@@ -16,7 +16,7 @@ import statistics
 import sys
 import time
 
-from ..export.tiny import scene_image
+from ..fixtures.tiny import scene_image
 from ..runtime.memory import peak_rss_mb
 
 PROMPT = "caption en"
@@ -45,10 +45,10 @@ def _timed(function) -> tuple[float, object]:
 def measure_runtime(bundle: str, backend: str, runs: int, new_tokens: int, threads: int | None) -> dict:
     import numpy as np
 
-    from ..runtime.generate import prefill
+    from ..runtime.generation.loop import prefill
     from ..runtime.model import load
     from ..runtime.preprocess import preprocess
-    from ..runtime.sampling import GenerationOptions
+    from ..runtime.generation.sampling import GenerationOptions
 
     image = scene_image()
     with load(bundle, backend=backend, verify=False, threads=threads) as model:

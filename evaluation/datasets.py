@@ -16,9 +16,9 @@ What is decided here:
   before a model runs: a metric over the lines that happened to parse would be a different dataset.
 - A prefix is taken as PaliGemma reads it: ``<image>`` placeholders and the trailing newline some
   datasets keep are dropped (the runtime adds both itself); the task kind is the prefix's first
-  word as runtime/tasks.py spells the tasks, and any other prefix is kind ``other``.
+  word as runtime/generation/tasks.py spells the tasks, and any other prefix is kind ``other``.
 - A detect / segment suffix must parse entry by entry with the runtime's own parser
-  (runtime/parsing.py), which otherwise drops a malformed entry silently; an empty suffix means
+  (runtime/generation/parsing.py), which otherwise drops a malformed entry silently; an empty suffix means
   "none of the named objects is in the picture". Segment entries need exactly 16 seg tokens.
 - Each image is decoded once with the runtime's loader (runtime/images.py), however many lines use it,
   so a picture that ``eval`` could not read is found by ``dataset check``.
@@ -34,8 +34,8 @@ from typing import Mapping, Sequence
 
 from ..runtime.errors import InputError
 from ..runtime.images import load_image
-from ..runtime.parsing import SEG_CODES, SEG_TOKENS, parse_detections
-from ..runtime.tasks import TASKS
+from ..runtime.generation.parsing import SEG_CODES, SEG_TOKENS, parse_detections
+from ..runtime.generation.tasks import TASKS
 
 KINDS = (*TASKS, "other")  # caption, describe, ocr, answer, detect, segment, other
 FIELDS = ("image", "prefix", "suffix")

@@ -28,8 +28,8 @@ from typing import Callable, Mapping, Sequence
 from ..runtime.errors import InputError
 from ..runtime.images import load_image
 from ..runtime.model import PaliGemma
-from ..runtime.parsing import parse_detections, parse_segmentations
-from ..runtime.sampling import GenerationOptions
+from ..runtime.generation.parsing import parse_detections, parse_segmentations
+from ..runtime.generation.sampling import GenerationOptions
 from . import metrics
 from .datasets import KINDS, Dataset, DatasetSpec, Record, load_dataset
 

@@ -3,7 +3,7 @@
 - detect: COCO box mAP@[.5:.95], mAP@.5 and recall@.5 from pycocotools' COCOeval (maxDets 100,
   all areas), the numbers every detection paper and Roboflow report;
 - segment: COCO mask mAP from the same COCOeval (``iouType="segm"``), masks as COCO RLE written by
-  runtime/coco_rle.py (pycocotools' own ``mask.encode`` is its test reference), and mean IoU: each
+  runtime/generation/coco_rle.py (pycocotools' own ``mask.encode`` is its test reference), and mean IoU: each
   true object's mask IoU with its same-label match (greedy by IoU, 0 where none), as shapes/ does;
 - ocr: exact match (surrounding whitespace ignored) and the character error rate, corpus-level as
   jiwer and the OCR papers define it: total Levenshtein edits / total reference characters, from
@@ -34,7 +34,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..runtime import coco_rle
+from ..runtime.generation import coco_rle
 from ..shapes.metrics import box_iou, mask_iou, match, normalize_text
 
 Box = tuple[float, float, float, float]  # (x0, y0, x1, y1) in pixels

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..runtime.errors import InputError, first_line
-from ..runtime.manifest import AdapterRecord, BaseModelRecord, read_json_object, sha256_file
+from ..runtime.bundle.manifest import AdapterRecord, BaseModelRecord, read_json_object, sha256_file
 from .checkpoint import Checkpoint, load_checkpoint, looks_like_hub_id
 
 ADAPTER_CONFIG = "adapter_config.json"

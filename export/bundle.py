@@ -19,10 +19,10 @@ from typing import Callable
 
 import numpy as np
 
-from ..runtime.bundle_writer import check_output, package_versions, staged_bundle, write_manifest
+from ..runtime.bundle.writer import check_output, package_versions, staged_bundle, write_manifest
 from ..runtime.errors import InputError
-from ..runtime.manifest import EmbeddingSpec, Manifest, MaskDecoderSpec
-from ..runtime.mask_decoder import MaskDecoder
+from ..runtime.bundle.manifest import EmbeddingSpec, Manifest, MaskDecoderSpec
+from ..runtime.generation.mask_decoder import MaskDecoder
 from .adapter import adapter_record, is_adapter_dir, load_adapted, merge_adapter, read_adapter
 from .checkpoint import decoder_spec, load_checkpoint
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..runtime.errors import InputError, first_line
-from ..runtime.manifest import FULL, SLIDING, DecoderSpec, ImageSpec, TokenIds, read_json_object
+from ..runtime.bundle.manifest import FULL, SLIDING, DecoderSpec, ImageSpec, TokenIds, read_json_object
 
 FAMILIES = {"gemma": 1, "gemma2": 2}
 

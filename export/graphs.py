@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..runtime.manifest import SLIDING, DecoderSpec
+from ..runtime.bundle.manifest import SLIDING, DecoderSpec
 
 
 class VisionEncoder(nn.Module):

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from ..runtime.bundle_writer import EXTERNAL_DATA_THRESHOLD
+from ..runtime.bundle.writer import EXTERNAL_DATA_THRESHOLD
 from ..runtime.errors import PaliGemmaEdgeError, first_line
-from ..runtime.manifest import DecoderSpec, GraphSpec, ImageSpec, TensorSpec, past_names, present_names
+from ..runtime.bundle.manifest import DecoderSpec, GraphSpec, ImageSpec, TensorSpec, past_names, present_names
 from .graphs import DecoderStep, VisionEncoder
 
 OPSET = 18

@@ -16,8 +16,8 @@ import numpy as np
 from PIL import Image
 
 from ..runtime.errors import PaliGemmaEdgeError
-from ..runtime.generate import decode_step, prefill
-from ..runtime.manifest import Manifest
+from ..runtime.generation.loop import decode_step, prefill
+from ..runtime.bundle.manifest import Manifest
 from ..runtime.model import load
 from ..runtime.preprocess import preprocess
 from .checkpoint import Checkpoint

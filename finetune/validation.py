@@ -13,7 +13,7 @@ from typing import Sequence
 
 from ..evaluation import metrics
 from ..evaluation.evaluate import TEXT_EXACT
-from ..runtime.parsing import parse_detections
+from ..runtime.generation.parsing import parse_detections
 from .data import Collator, Example
 
 

@@ -9,12 +9,12 @@ export needs the ``export`` extra and is imported on use.
 """
 
 from .runtime.errors import BundleError, InputError, PaliGemmaEdgeError
-from .runtime.mask_decoder import MaskDecoder
+from .runtime.generation.mask_decoder import MaskDecoder
 from .runtime.model import PaliGemma, load
-from .runtime.parsing import Detection, Segmentation, parse_detections, parse_segmentations
-from .runtime.results import DetectionResult, Generation, SegmentationResult, Timings, TokenChunk
-from .runtime.sampling import GenerationOptions
-from .runtime.tasks import LANGUAGES, build_prompt
+from .runtime.generation.parsing import Detection, Segmentation, parse_detections, parse_segmentations
+from .runtime.generation.results import DetectionResult, Generation, SegmentationResult, Timings, TokenChunk
+from .runtime.generation.sampling import GenerationOptions
+from .runtime.generation.tasks import LANGUAGES, build_prompt
 
 __all__ = [
     "BundleError", "Detection", "DetectionResult", "Generation", "GenerationOptions", "InputError", "LANGUAGES",

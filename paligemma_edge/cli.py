@@ -18,7 +18,7 @@ from typing import Sequence
 
 from . import extras
 from .runtime.errors import InputError, PaliGemmaEdgeError
-from .runtime.tasks import TASKS
+from .runtime.generation.tasks import TASKS
 
 # Kept in sync with export.bundle.DEFAULT_TOLERANCE by a test; importing export here would need torch.
 DEFAULT_TOLERANCE = 1e-3
@@ -249,7 +249,7 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_build_engines(args) -> int:
-    from .runtime.engines import EngineOptions, build_engines
+    from .runtime.engines.build import EngineOptions, build_engines
 
     options = EngineOptions(
         flavour=args.backend, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
@@ -261,7 +261,7 @@ def _cmd_build_engines(args) -> int:
 
 
 def _prompts(args) -> list[str]:
-    from .runtime.tasks import build_prompt
+    from .runtime.generation.tasks import build_prompt
 
     prompts = list(args.prompt or [])
     if args.task:
@@ -274,7 +274,7 @@ def _prompts(args) -> list[str]:
 
 
 def _describe_objects(objects) -> list[str]:
-    from .runtime.parsing import Segmentation
+    from .runtime.generation.parsing import Segmentation
 
     lines = []
     for item in objects:
@@ -287,7 +287,7 @@ def _describe_objects(objects) -> list[str]:
 def _cmd_run(args) -> int:
     from .runtime.model import load
     from .runtime.images import load_image
-    from .runtime.sampling import GenerationOptions
+    from .runtime.generation.sampling import GenerationOptions
 
     options = GenerationOptions(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -330,7 +330,7 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_pack(args) -> int:
-    from .runtime.packing import pack_bundle
+    from .runtime.bundle.packing import pack_bundle
 
     result = pack_bundle(args.bundle, args.output, with_engines=args.with_engines, force=args.force,
                          progress=args.progress)
@@ -339,7 +339,7 @@ def _cmd_pack(args) -> int:
 
 
 def _cmd_verify(args) -> int:
-    from .runtime.verification import verify_target
+    from .runtime.bundle.verify import verify_target
 
     report = verify_target(args.target, dry_load=not args.no_load, progress=args.progress)
     print(report.text())
@@ -347,7 +347,7 @@ def _cmd_verify(args) -> int:
 
 
 def _cmd_inspect(args) -> int:
-    from .runtime.bundle_summary import inspect_bundle
+    from .runtime.bundle.summary import inspect_bundle
 
     summary = inspect_bundle(args.bundle)
     print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.text())
@@ -357,7 +357,7 @@ def _cmd_inspect(args) -> int:
 def _cmd_camera(args) -> int:
     from .apps.camera import CameraOptions, open_sources, run_on_sources
     from .runtime.model import load
-    from .runtime.sampling import GenerationOptions
+    from .runtime.generation.sampling import GenerationOptions
 
     prompts = _prompts(args)
     if len(prompts) != 1:

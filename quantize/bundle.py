@@ -26,9 +26,9 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from ..runtime.bundle_writer import EXTERNAL_DATA_THRESHOLD, check_output, package_versions, staged_bundle, write_manifest
+from ..runtime.bundle.writer import EXTERNAL_DATA_THRESHOLD, check_output, package_versions, staged_bundle, write_manifest
 from ..runtime.errors import InputError, PaliGemmaEdgeError
-from ..runtime.manifest import EmbeddingSpec, GraphSpec, Manifest, TensorSpec, read_manifest, verify_files
+from ..runtime.bundle.manifest import EmbeddingSpec, GraphSpec, Manifest, TensorSpec, read_manifest, verify_files
 from . import calibration, embedding, fp16, methods
 
 PRECISIONS = ("fp16", "int8", "int4")
@@ -259,7 +259,7 @@ def _check_finite(values: np.ndarray, graph: str, stage: str, options: QuantizeO
 def _smoke_test(bundle: Path, options: QuantizeOptions, activations: str) -> None:
     """Load the staged bundle with the runtime, encode pictures, prefill and decode two tokens: every
     image embedding and logit must be finite. A bundle that cannot run is not written."""
-    from ..runtime.generate import decode_step, prefill
+    from ..runtime.generation.loop import decode_step, prefill
     from ..runtime.model import load
 
     with load(bundle, verify=False) as model:

@@ -31,7 +31,7 @@ from PIL import Image
 from ..runtime.errors import InputError
 from ..runtime.images import load_image
 from ..runtime.model import load
-from ..runtime.sampling import GenerationOptions
+from ..runtime.generation.sampling import GenerationOptions
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 DEFAULT_PROMPTS = ["caption en", "describe en", "ocr", "answer en what is in the image", "detect object"]

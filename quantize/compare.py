@@ -28,12 +28,12 @@ from pathlib import Path
 import numpy as np
 
 from ..runtime.errors import InputError
-from ..runtime.manifest import read_manifest
-from ..runtime.generate import decode_step, prefill
+from ..runtime.bundle.manifest import read_manifest
+from ..runtime.generation.loop import decode_step, prefill
 from ..runtime.memory import peak_rss_mb, reset_peak_rss
 from ..runtime.model import PaliGemma, load
 from ..runtime.images import load_image
-from ..runtime.sampling import GenerationOptions
+from ..runtime.generation.sampling import GenerationOptions
 from .calibration import DEFAULT_PROMPTS, images_in
 
 SHAPES = "shapes"

@@ -21,9 +21,9 @@ from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
 from ..runtime.backends.embedding import HostEmbedding
-from ..runtime.manifest import GraphSpec, Manifest, past_names, present_names, read_manifest
+from ..runtime.bundle.manifest import GraphSpec, Manifest, past_names, present_names, read_manifest
 from ..runtime.model import PaliGemma
-from ..runtime.prompt import PromptTokenizer
+from ..runtime.generation.prompt import PromptTokenizer
 from .fp16 import sort_nodes
 
 

@@ -9,7 +9,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .errors import InputError
 from .images import ImageInput, load_image
-from .parsing import Detection, Segmentation
+from .generation.parsing import Detection, Segmentation
 
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
 MASK_ALPHA = 110

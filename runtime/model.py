@@ -12,16 +12,16 @@ import numpy as np
 from .backends.base import create_backend
 from .errors import BundleError, InputError
 from .feature_cache import FeatureCache
-from .generate import generate_steps
+from .generation.loop import generate_steps
 from .images import ImageInput, load_image
-from .manifest import Manifest, read_manifest, verify_files
-from .mask_decoder import MaskDecoder
-from .parsing import parse_detections, parse_segmentations
+from .bundle.manifest import Manifest, read_manifest, verify_files
+from .generation.mask_decoder import MaskDecoder
+from .generation.parsing import parse_detections, parse_segmentations
 from .preprocess import preprocess
-from .prompt import PromptTokenizer
-from .results import DetectionResult, Generation, SegmentationResult, Timings, TokenChunk
-from .sampling import GenerationOptions
-from .tasks import build_prompt, result_kind
+from .generation.prompt import PromptTokenizer
+from .generation.results import DetectionResult, Generation, SegmentationResult, Timings, TokenChunk
+from .generation.sampling import GenerationOptions
+from .generation.tasks import build_prompt, result_kind
 
 TaskResult = Union[Generation, DetectionResult, SegmentationResult]
 RowOptions = Union[GenerationOptions, Sequence[GenerationOptions], None]  # one for the batch, or one per prompt

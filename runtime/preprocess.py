@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from .manifest import ImageSpec
+from .bundle.manifest import ImageSpec
 
 
 def preprocess(images: list[Image.Image], spec: ImageSpec) -> np.ndarray:

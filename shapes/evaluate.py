@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 
 from ..runtime.model import PaliGemma
-from ..runtime.sampling import GenerationOptions
+from ..runtime.generation.sampling import GenerationOptions
 from . import metrics, scenes, tasks
 
 DATASETS = ("shapes",)

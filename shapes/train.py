@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..export.tiny import TinySpec, build_model, build_tokenizer
+from ..fixtures.tiny import TinySpec, build_model, build_tokenizer
 from ..finetune.data import Collator, Example
 from ..finetune.loop import LoopConfig, train_loop
 from ..finetune.options import Schedule

@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
-from ..runtime.mask_decoder import CODEBOOK, SEG_TOKENS
+from ..runtime.generation.mask_decoder import CODEBOOK, SEG_TOKENS
 from .metrics import mask_iou
 from .scenes import SHAPES, box_mask
 

@@ -46,7 +46,7 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def checkpoints(workdir) -> dict[tuple[int, int], Path]:
-    from paligemma_edge.export.tiny import TinySpec, build_checkpoint
+    from paligemma_edge.fixtures.tiny import TinySpec, build_checkpoint
 
     return {
         model: build_checkpoint(workdir / f"{model_id(model)}-checkpoint", TinySpec(family=model[0], image_size=model[1]))
@@ -118,7 +118,7 @@ def references(checkpoints) -> dict[tuple[int, int], Reference]:
 @pytest.fixture(scope="session")
 def segment_bundle(checkpoints, workdir) -> Path:
     """A bundle that carries a (random) vae-oid.npz mask decoder."""
-    from paligemma_edge.export.tiny import build_mask_decoder_npz
+    from paligemma_edge.fixtures.tiny import build_mask_decoder_npz
 
     npz = build_mask_decoder_npz(workdir / "vae-oid.npz")
     bundle = workdir / "pg1-28px-segment-bundle"

@@ -39,7 +39,7 @@ def build_outlier_model(family: int = 2, outliers: bool = True, outlier: float =
     ``outlier`` at <bos>."""
     import torch
 
-    from paligemma_edge.export.tiny import TinySpec, build_model
+    from paligemma_edge.fixtures.tiny import TinySpec, build_model
 
     model, processor = build_model(TinySpec(family=family, image_size=image_size, text_layers=text_layers,
                                             decoder_weight_std=None, real_softcaps=True,

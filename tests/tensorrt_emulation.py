@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from paligemma_edge.runtime.manifest import EngineSpec, read_manifest
+from paligemma_edge.runtime.bundle.manifest import EngineSpec, read_manifest
 
 
 class EmulationError(AssertionError):

@@ -11,7 +11,7 @@ from PIL import Image
 
 from paligemma_edge.apps.worker import Cancelled, DeadlineExceeded, Job, ModelWorker
 from paligemma_edge.runtime.model import load
-from paligemma_edge.runtime.sampling import GenerationOptions
+from paligemma_edge.runtime.generation.sampling import GenerationOptions
 
 from .conftest import MAX_SEQ_LEN
 

@@ -8,7 +8,7 @@ import sys
 
 from PIL import Image
 
-from paligemma_edge.runtime.manifest import SCHEMA_VERSION, read_manifest
+from paligemma_edge.runtime.bundle.manifest import SCHEMA_VERSION, read_manifest
 
 from .conftest import run_cli
 

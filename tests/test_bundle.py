@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 from paligemma_edge import BundleError
-from paligemma_edge.runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, read_manifest, sha256_file
+from paligemma_edge.runtime.bundle.manifest import MANIFEST_NAME, SCHEMA_VERSION, read_manifest, sha256_file
 
 from .conftest import MAX_SEQ_LEN, MODELS, model_id
 
@@ -105,7 +105,7 @@ def test_staged_bundle_files_get_ordinary_modes(tmp_path):
     """onnx writes external weight files owner-only (0600); a finished bundle's files are readable by all."""
     import os
 
-    from paligemma_edge.runtime.bundle_writer import staged_bundle
+    from paligemma_edge.runtime.bundle.writer import staged_bundle
 
     output = tmp_path / "bundle"
     with staged_bundle(output, overwrite=False) as staging:

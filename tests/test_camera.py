@@ -21,7 +21,7 @@ from paligemma_edge.apps.camera import (  # noqa: E402
 )
 from paligemma_edge.runtime.drawing import PALETTE  # noqa: E402
 from paligemma_edge.runtime.errors import InputError  # noqa: E402
-from paligemma_edge.runtime.parsing import Detection  # noqa: E402
+from paligemma_edge.runtime.generation.parsing import Detection  # noqa: E402
 
 from .conftest import run_cli  # noqa: E402
 

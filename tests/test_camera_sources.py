@@ -14,7 +14,7 @@ from paligemma_edge.apps.video_sources import (  # noqa: E402
     FrameGrabber, VideoSource, open_source, open_sources, short_name,
 )
 from paligemma_edge.runtime.errors import InputError  # noqa: E402
-from paligemma_edge.runtime.sampling import GenerationOptions  # noqa: E402
+from paligemma_edge.runtime.generation.sampling import GenerationOptions  # noqa: E402
 
 from .conftest import run_cli  # noqa: E402
 from .test_camera import (  # noqa: E402

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from paligemma_edge.extras import MissingExtraError, explain
-from paligemma_edge.runtime.manifest import MANIFEST_NAME, read_manifest
+from paligemma_edge.runtime.bundle.manifest import MANIFEST_NAME, read_manifest
 
 from .conftest import run_cli
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from paligemma_edge import InputError, Segmentation
-from paligemma_edge.runtime import coco_rle
-from paligemma_edge.runtime.results import Generation, SegmentationResult, Timings, mask_to_rle, rle_to_mask
+from paligemma_edge.runtime.generation import coco_rle
+from paligemma_edge.runtime.generation.results import Generation, SegmentationResult, Timings, mask_to_rle, rle_to_mask
 
 from .conftest import run_cli
 

@@ -22,7 +22,7 @@ from paligemma_edge.quantize import calibration
 from paligemma_edge.quantize.bundle import QuantizeOptions, quantize_bundle
 from paligemma_edge.quantize.compare import compare_bundles
 from paligemma_edge.runtime.errors import InputError
-from paligemma_edge.runtime.manifest import read_manifest
+from paligemma_edge.runtime.bundle.manifest import read_manifest
 from paligemma_edge.runtime.model import load
 from paligemma_edge.shapes import scenes, tasks
 

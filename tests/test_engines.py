@@ -11,9 +11,10 @@ import sys
 import pytest
 
 from paligemma_edge import BundleError, InputError
-from paligemma_edge.runtime.bundle_writer import write_manifest
-from paligemma_edge.runtime.engines import EngineOptions, select_engines
-from paligemma_edge.runtime.manifest import read_manifest
+from paligemma_edge.runtime.bundle.writer import write_manifest
+from paligemma_edge.runtime.engines.build import EngineOptions
+from paligemma_edge.runtime.engines.common import select_engines
+from paligemma_edge.runtime.bundle.manifest import read_manifest
 
 from .conftest import model_id, run_cli
 

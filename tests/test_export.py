@@ -12,7 +12,7 @@ import paligemma_edge
 from paligemma_edge import GenerationOptions
 from paligemma_edge.export import onnx_graphs
 from paligemma_edge.export.bundle import ExportOptions, export_bundle
-from paligemma_edge.runtime.manifest import read_manifest
+from paligemma_edge.runtime.bundle.manifest import read_manifest
 
 from .conftest import run_cli
 

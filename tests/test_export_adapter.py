@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from paligemma_edge.runtime.errors import InputError
-from paligemma_edge.runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, read_manifest, sha256_file
+from paligemma_edge.runtime.bundle.manifest import MANIFEST_NAME, SCHEMA_VERSION, read_manifest, sha256_file
 
 from .conftest import MAX_SEQ_LEN, Reference, model_id, run_cli
 

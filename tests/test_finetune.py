@@ -28,7 +28,7 @@ FAST = dict(batch_size=4, lr=1e-2, log_every=5, eval_lines=2, eval_max_new_token
 def base(tmp_path_factory) -> Path:
     import torch
 
-    from paligemma_edge.export.tiny import TinySpec, build_model
+    from paligemma_edge.fixtures.tiny import TinySpec, build_model
 
     model, processor = build_model(TinySpec(family=1, image_size=28))
     with torch.no_grad():

@@ -18,8 +18,8 @@ from paligemma_edge.quantize.bundle import QuantizeOptions, quantize_bundle
 from paligemma_edge.quantize.calibration import DECODE_STEPS, DEFAULT_PROMPTS
 from paligemma_edge.quantize.compare import _DeltaStats, _teacher_forced
 from paligemma_edge.quantize.reference import load_reference
-from paligemma_edge.runtime.manifest import read_manifest
-from paligemma_edge.runtime.sampling import GenerationOptions
+from paligemma_edge.runtime.bundle.manifest import read_manifest
+from paligemma_edge.runtime.generation.sampling import GenerationOptions
 
 from .conftest import run_cli
 from .outlier_model import residual_maxima, save_outlier_checkpoint
@@ -139,7 +139,7 @@ needs_rtx = pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx_bindings")
 def test_fp32_nodes_are_fp32_layers_of_the_tensorrt_network(outlier_bundles, tmp_path):
     import tensorrt_rtx_bindings as trt
 
-    from paligemma_edge.runtime.engines import CollectingLogger, layer_dtypes
+    from paligemma_edge.runtime.engines.build import CollectingLogger, layer_dtypes
 
     bundle = tmp_path / "bundle"
     shutil.copytree(outlier_bundles["outliers", "int8-trt"], bundle)

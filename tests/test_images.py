@@ -19,8 +19,8 @@ import paligemma_edge
 from paligemma_edge.runtime.drawing import draw_results
 from paligemma_edge.runtime.errors import InputError
 from paligemma_edge.runtime.images import ImageTooLargeError, load_image
-from paligemma_edge.runtime.manifest import read_manifest
-from paligemma_edge.runtime.parsing import Segmentation
+from paligemma_edge.runtime.bundle.manifest import read_manifest
+from paligemma_edge.runtime.generation.parsing import Segmentation
 from paligemma_edge.runtime.preprocess import preprocess
 
 from .conftest import SHAPES_CHECKPOINT, run_cli

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from paligemma_edge import BundleError, MaskDecoder
-from paligemma_edge.export.tiny import build_mask_decoder_npz
-from paligemma_edge.runtime.mask_decoder import required_shapes
+from paligemma_edge.fixtures.tiny import build_mask_decoder_npz
+from paligemma_edge.runtime.generation.mask_decoder import required_shapes
 
 
 def torch_reference(weights: dict[str, np.ndarray]):

@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from paligemma_edge.apps.openai_api import ChatRequestError, parse_chat_request  # noqa: E402
 from paligemma_edge.apps.server import ServerOptions, create_app  # noqa: E402
 from paligemma_edge.runtime.model import load  # noqa: E402
-from paligemma_edge.runtime.sampling import GenerationOptions  # noqa: E402
+from paligemma_edge.runtime.generation.sampling import GenerationOptions  # noqa: E402
 
 
 def data_url(raw: bytes, kind: str = "png") -> str:

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from paligemma_edge.runtime.bundle_writer import write_manifest
-from paligemma_edge.runtime.manifest import MANIFEST_NAME, EngineSet, EngineSpec, read_manifest
-from paligemma_edge.runtime.bundle_summary import inspect_bundle
-from paligemma_edge.runtime.packing import SUMS_NAME
-from paligemma_edge.runtime.verification import verify_target
+from paligemma_edge.runtime.bundle.writer import write_manifest
+from paligemma_edge.runtime.bundle.manifest import MANIFEST_NAME, EngineSet, EngineSpec, read_manifest
+from paligemma_edge.runtime.bundle.summary import inspect_bundle
+from paligemma_edge.runtime.bundle.packing import SUMS_NAME
+from paligemma_edge.runtime.bundle.verify import verify_target
 
 from .conftest import run_cli
 

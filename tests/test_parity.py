@@ -144,7 +144,7 @@ def test_runtime_imports_no_torch(bundles, images):
 
 def test_decode_step_feeds_ort_values_back_without_copies(bundles):
     """The cache that goes in on step n+1 is the very buffer ONNX Runtime returned on step n."""
-    from paligemma_edge.runtime.generate import decode_step, prefill
+    from paligemma_edge.runtime.generation.loop import decode_step, prefill
 
     with paligemma_edge.load(bundles[(2, 28)]) as runtime:
         backend = runtime.backend

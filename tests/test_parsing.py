@@ -8,9 +8,9 @@ from PIL import Image
 
 from paligemma_edge import InputError, LANGUAGES, build_prompt, parse_detections, parse_segmentations
 from paligemma_edge.runtime.drawing import draw_results
-from paligemma_edge.runtime.parsing import Detection, Segmentation, paste_mask
-from paligemma_edge.runtime.results import mask_to_rle, rle_to_mask
-from paligemma_edge.runtime.tasks import result_kind
+from paligemma_edge.runtime.generation.parsing import Detection, Segmentation, paste_mask
+from paligemma_edge.runtime.generation.results import mask_to_rle, rle_to_mask
+from paligemma_edge.runtime.generation.tasks import result_kind
 
 
 def loc(*bins: int) -> str:

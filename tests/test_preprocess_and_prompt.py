@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 import paligemma_edge
-from paligemma_edge.runtime.masks import attention_mask, position_ids
+from paligemma_edge.runtime.generation.attention_masks import attention_mask, position_ids
 from paligemma_edge.runtime.images import load_image
 from paligemma_edge.runtime.preprocess import preprocess
 

@@ -12,7 +12,7 @@ import paligemma_edge
 from paligemma_edge import GenerationOptions
 from paligemma_edge.quantize.calibration import DEFAULT_PROMPTS
 from paligemma_edge.runtime.errors import BundleError
-from paligemma_edge.runtime.manifest import read_manifest
+from paligemma_edge.runtime.bundle.manifest import read_manifest
 
 from .conftest import QUANTIZED_MODELS as MODELS
 from .conftest import VARIANTS, model_id, run_cli

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from paligemma_edge import GenerationOptions, InputError
-from paligemma_edge.runtime.sampling import filtered_probabilities, next_tokens
+from paligemma_edge.runtime.generation.sampling import filtered_probabilities, next_tokens
 
 LOGITS = np.array([[0.0, 3.0, 1.0, 2.0, -1.0], [5.0, 4.0, 4.5, 0.0, 0.0]], dtype=np.float32)
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from paligemma_edge.runtime.results import mask_to_rle, rle_to_mask
+from paligemma_edge.runtime.generation.results import mask_to_rle, rle_to_mask
 
 pytest.importorskip("fastapi", reason="serve needs the 'apps' extra")
 httpx = pytest.importorskip("httpx", reason="the server tests use httpx as the client")

@@ -7,7 +7,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from paligemma_edge.runtime.parsing import parse_detections
+from paligemma_edge.runtime.generation.parsing import parse_detections
 from paligemma_edge.shapes import metrics, scenes, tasks
 
 N = 300

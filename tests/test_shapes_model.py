@@ -56,13 +56,13 @@ def test_token_parity_with_transformers_on_the_trained_model(shapes_bundle):
 
 
 def _options(**kwargs):
-    from paligemma_edge.runtime.sampling import GenerationOptions
+    from paligemma_edge.runtime.generation.sampling import GenerationOptions
 
     return GenerationOptions(**kwargs)
 
 
 def test_mask_decoder_reproduces_the_shapes_from_their_seg_codes():
-    from paligemma_edge.runtime.mask_decoder import MaskDecoder
+    from paligemma_edge.runtime.generation.mask_decoder import MaskDecoder
     from paligemma_edge.shapes.metrics import mask_iou
     from PIL import Image
 

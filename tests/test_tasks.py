@@ -12,7 +12,7 @@ import paligemma_edge
 from paligemma_edge import (
     DetectionResult, Generation, GenerationOptions, InputError, SegmentationResult,
 )
-from paligemma_edge.runtime.results import rle_to_mask
+from paligemma_edge.runtime.generation.results import rle_to_mask
 
 from .conftest import run_cli
 from .test_parsing import loc, seg

@@ -24,9 +24,10 @@ from PIL import Image
 import paligemma_edge
 from paligemma_edge import cli
 from paligemma_edge.runtime.backends import tensorrt as trt_backend
-from paligemma_edge.runtime.engines import gpu_description, profiles_for
-from paligemma_edge.runtime.manifest import EngineSpec, read_manifest
-from paligemma_edge.runtime.sampling import GenerationOptions
+from paligemma_edge.runtime.engines.build import profiles_for
+from paligemma_edge.runtime.engines.common import gpu_description
+from paligemma_edge.runtime.bundle.manifest import EngineSpec, read_manifest
+from paligemma_edge.runtime.generation.sampling import GenerationOptions
 
 from .conftest import model_id, run_cli
 from .tensorrt_emulation import EmulatedTensorRT, EmulationError

@@ -124,7 +124,7 @@ STYLES = {
 @pytest.fixture(scope="module", params=list(STYLES))
 def styled(request, tmp_path_factory):
     """(checkpoint, bundle) for one tokenizer style, exported through the CLI."""
-    from paligemma_edge.export.tiny import TinySpec, build_model
+    from paligemma_edge.fixtures.tiny import TinySpec, build_model
 
     directory = tmp_path_factory.mktemp(f"tokenizer-{request.param}")
     model, processor = build_model(TinySpec(family=2), tokenizer_object=STYLES[request.param]())

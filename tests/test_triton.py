@@ -22,7 +22,7 @@ import pytest
 from paligemma_edge.apps.triton_io import ServingLimits
 from paligemma_edge.apps.triton_repo import TritonRepoOptions, write_triton_repository
 from paligemma_edge.runtime.errors import InputError
-from paligemma_edge.runtime.sampling import GenerationOptions
+from paligemma_edge.runtime.generation.sampling import GenerationOptions
 
 from .conftest import MAX_SEQ_LEN, run_cli
 from .test_install import PIP_OFFLINE, build_wheel, clean_env, copy_tree
@@ -38,7 +38,7 @@ TOKENS = 12
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
     """One tiny PaliGemma 2 bundle, exported as a user does."""
-    from paligemma_edge.export.tiny import TinySpec, build_checkpoint
+    from paligemma_edge.fixtures.tiny import TinySpec, build_checkpoint
 
     work = tmp_path_factory.mktemp("triton-model")
     checkpoint = build_checkpoint(work / "checkpoint", TinySpec(family=2, image_size=28))

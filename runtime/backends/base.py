@@ -9,7 +9,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..errors import BackendUnavailableError, InputError
-from ..manifest import Manifest
+from ..bundle.manifest import Manifest
 
 
 class Backend(Protocol):

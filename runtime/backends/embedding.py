@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BundleError
-from ..manifest import Manifest
+from ..bundle.manifest import Manifest
 
 ZERO_POINT = 128  # an int8 table's stored value is round(value / scale) + 128: MatMulNBits' 8-bit default
 LM_HEAD_NODE = "lm_head_int8/matmul"  # the decoder's node that reads an int8 table

@@ -19,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..errors import BackendUnavailableError, BundleError, first_line
-from ..manifest import GraphSpec, Manifest, past_names, present_names
+from ..bundle.manifest import GraphSpec, Manifest, past_names, present_names
 from .embedding import HostEmbedding
 
 GPU_INSTALL = ("pip install onnxruntime-gpu (on a Jetson: the JetPack build of onnxruntime-gpu, see the README's "

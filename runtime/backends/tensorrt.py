@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cuda import Cuda, CudaError
-from ..engines import CollectingLogger, device_tag, gpu_description, import_tensorrt, select_engines
+from .cuda import Cuda, CudaError
+from ..engines.common import CollectingLogger, device_tag, gpu_description, import_tensorrt, select_engines
 from ..errors import BundleError, InputError
-from ..manifest import EngineSpec, Manifest, past_names, present_names
+from ..bundle.manifest import EngineSpec, Manifest, past_names, present_names
 from .embedding import HostEmbedding
 
 

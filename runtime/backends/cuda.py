@@ -10,7 +10,7 @@ import importlib
 
 import numpy as np
 
-from .errors import BackendUnavailableError, PaliGemmaEdgeError
+from ..errors import BackendUnavailableError, PaliGemmaEdgeError
 
 INSTALL = "pip install 'paligemma-edge[gpu]' (cuda-python; on JetPack 6 pin cuda-python<13)"
 

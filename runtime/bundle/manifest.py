@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import BundleError
+from ..errors import BundleError
 
 SCHEMA_VERSION = 3
 MANIFEST_NAME = "manifest.json"

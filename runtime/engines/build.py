@@ -1,4 +1,5 @@
-"""TensorRT engines from a bundle's graphs, recorded in its manifest under a device tag.
+"""Building TensorRT engines from a bundle's graphs, recorded in its manifest under a device tag
+(``paligemma-edge build-engines``; the TensorRT backend runs them).
 
 One code path for NVIDIA TensorRT (``tensorrt``, JetPack and x86) and TensorRT for RTX
 (``tensorrt_rtx_bindings``, which also builds on a machine without a GPU); the flavours differ
@@ -13,24 +14,16 @@ spanning both.
 
 from __future__ import annotations
 
-import importlib
 import os
-import re
-import subprocess
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from .bundle_writer import write_manifest
-from .errors import BackendUnavailableError, BundleError, InputError, PaliGemmaEdgeError
-from .manifest import EngineSet, EngineSpec, GraphSpec, Manifest, TensorSpec, read_manifest, verify_files
-
-# flavour -> (module, what to install)
-FLAVOURS = {
-    "tensorrt": ("tensorrt", "TensorRT 10 (JetPack 6/7 ships it; on x86: pip install tensorrt)"),
-    "tensorrt-rtx": ("tensorrt_rtx_bindings", "pip install 'paligemma-edge[tensorrt-rtx]'"),
-}
+from ..bundle.manifest import EngineSet, EngineSpec, GraphSpec, Manifest, TensorSpec, read_manifest, verify_files
+from ..bundle.writer import write_manifest
+from ..errors import BundleError, InputError, PaliGemmaEdgeError
+from .common import FLAVOURS, CollectingLogger, device_tag, gpu_description, import_tensorrt
 
 # quantization methods whose ops only ONNX Runtime has (TensorRT's parser looks for a plugin and fails)
 _ONNXRUNTIME_ONLY = {"int8-dynamic": "DynamicQuantizeMatMul", "int4-matmulnbits": "MatMulNBits"}
@@ -64,14 +57,6 @@ class EngineOptions:
             raise InputError(f"--decoder-profiles must be 1 or 2, got {self.decoder_profiles}")
 
 
-def import_tensorrt(flavour: str):
-    module, install = FLAVOURS[flavour]
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise BackendUnavailableError(f"{flavour} is not installed ({module} missing): {install}") from None
-
-
 def onnxruntime_only_ops(manifest: Manifest) -> list[str]:
     """Where a bundle uses ops only ONNX Runtime runs, from its manifest: 'graph: op' for each; empty for
     bundles TensorRT takes (fp32, fp16, the Q/DQ formats of quantize --target tensorrt)."""
@@ -92,47 +77,6 @@ def check_tensorrt_takes(bundle: Path, manifest: Manifest) -> None:
             f"one for TensorRT with 'paligemma-edge quantize FP32_BUNDLE --precision {manifest.precision} "
             "--target tensorrt' (fp32 and fp16 bundles build as they are)"
         )
-
-
-def gpu_description() -> str:
-    """'NAME sm XY' of the first GPU (nvidia-smi), or 'no-gpu'."""
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        return "no-gpu"
-    line = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else ""
-    if not line:
-        return "no-gpu"
-    name, _, capability = line.partition(",")
-    return f"{name.strip()} sm{capability.strip().replace('.', '')}"
-
-
-def device_tag(flavour: str, version: str, gpu: str) -> str:
-    """The key engines are recorded under: flavour, TensorRT version and GPU, as one slug."""
-    return re.sub(r"[^A-Za-z0-9.]+", "-", f"{flavour}-{version}-{gpu}").strip("-").lower()
-
-
-class CollectingLogger:
-    """A TensorRT logger that keeps error messages for our one-line report."""
-
-    def __init__(self, trt):
-        self.errors: list[str] = []
-        base = trt.ILogger
-
-        class Collecting(base):  # TensorRT needs an ILogger subclass
-            def __init__(inner):
-                base.__init__(inner)
-
-            def log(inner, severity, message):
-                if severity <= trt.ILogger.Severity.ERROR:
-                    self.errors.append(str(message).strip())
-
-        self.logger = Collecting()
-
-    def last(self, count: int = 2) -> str:
-        """The last ``count`` errors TensorRT logged, as one line."""
-        return "; ".join(self.errors[-count:]) or "no message"
 
 
 def _dims(spec: TensorSpec, sizes: dict[str, int]) -> tuple[int, ...]:
@@ -266,14 +210,3 @@ def build_engines(bundle: str | Path, options: EngineOptions = EngineOptions(),
     write_manifest(bundle, updated)
     step(f"recorded {tag} engines in {bundle / 'manifest.json'}")
     return record
-
-
-def select_engines(manifest: Manifest, tag: str) -> EngineSet:
-    """The engines built for this device and TensorRT, or an error that says to rebuild."""
-    if tag in manifest.engines:
-        return manifest.engines[tag]
-    built = ", ".join(manifest.engines) or "none"
-    raise BundleError(
-        f"this bundle has no engines for {tag} (built: {built}); engines only run where they were built: "
-        "run 'paligemma-edge build-engines BUNDLE' on this machine"
-    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from .errors import InputError
+from ..errors import InputError
 
 # big_vision's coco35l languages, the ones PaliGemma's mix checkpoints were trained on.
 LANGUAGES = frozenset(

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 
 _OFFSET = 48  # "0": the character of group value 0
 _GROUP_BITS = 5

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .errors import BundleError, InputError, first_line
+from ..errors import BundleError, InputError, first_line
 from .manifest import MANIFEST_NAME, Manifest, read_manifest
 
 SUMS_NAME = "SHA256SUMS"

@@ -11,9 +11,9 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .backends.base import Backend
-from .manifest import DecoderSpec
-from .masks import attention_mask
+from ..backends.base import Backend
+from ..bundle.manifest import DecoderSpec
+from .attention_masks import attention_mask
 from .prompt import PromptBatch
 from .sampling import GenerationOptions, Sampler
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BundleError, InputError, first_line
+from ..errors import BundleError, InputError, first_line
 
 CODEBOOK = "_vq_vae._embedding"
 RESBLOCKS = ("decoder.2", "decoder.3")

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import BundleError
+from ..errors import BundleError
 from .manifest import MANIFEST_NAME, read_manifest
 from .packing import human_size
 

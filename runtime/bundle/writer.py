@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
-from .errors import InputError
+from ..errors import InputError
 from .manifest import MANIFEST_NAME, Manifest, sha256_file
 
 # ONNX protobufs cannot exceed 2 GiB: graphs whose weights reach this go to external data.

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BundleError, InputError
-from .manifest import Manifest
-from .masks import position_ids
+from ..errors import BundleError, InputError
+from ..bundle.manifest import Manifest
+from .attention_masks import position_ids
 
 
 @dataclass(frozen=True)

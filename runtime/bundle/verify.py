@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import BundleError, InputError, PaliGemmaEdgeError, first_line
+from ..errors import BundleError, InputError, PaliGemmaEdgeError, first_line
 from .manifest import MANIFEST_NAME, Manifest, read_manifest, sha256_file
 from .packing import (
     SUMS_NAME,
@@ -107,8 +107,8 @@ def _read_manifest_into(report: VerifyReport, bundle_dir: Path, shown_as: str | 
 
 def _dry_load(bundle_dir: Path, manifest: Manifest, report: VerifyReport, step: Progress) -> None:
     """Load through the runtime (onnxruntime) and generate one token: proves the graphs run."""
-    from .model import load
-    from .sampling import GenerationOptions
+    from ..model import load
+    from ..generation.sampling import GenerationOptions
 
     step(f"dry load: onnxruntime, 1 new token for '{DRY_LOAD_PROMPT}'")
     ramp = np.linspace(0, 255, manifest.image.width, dtype=np.float32)
