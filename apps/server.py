@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -274,7 +275,7 @@ def create_app(model: PaliGemma, options: ServerOptions) -> FastAPI:
             return _error(*_failure(exc))
         return finished(result, generation)
 
-    async def _events(job: Job):
+    async def _events(job: Job) -> AsyncIterator[tuple[str, Any]]:
         """Run a job on the worker: yields ("token", chunk) per token, then ("result", (result,
         generation)) or ("error", (status, message)). Leaving early frees the model."""
         loop = asyncio.get_running_loop()
@@ -351,7 +352,8 @@ def create_app(model: PaliGemma, options: ServerOptions) -> FastAPI:
                 if kind == "result":
                     return openai_api.completion(ident, served_id, finished(*value), prompt_tokens)
                 if kind == "error":
-                    return _error(*value, openai_api.CHAT_PATH)
+                    status, message = value
+                    return _error(status, message, openai_api.CHAT_PATH)
 
         async def chunks():
             stamp = int(time.time())
@@ -379,7 +381,7 @@ def create_app(model: PaliGemma, options: ServerOptions) -> FastAPI:
 
 
 def _static(name: str) -> Response:
-    body = resources.files("paligemma_edge.apps").joinpath("static", name).read_bytes()
+    body = resources.files("paligemma_edge.apps").joinpath("static").joinpath(name).read_bytes()
     return Response(body, media_type=STATIC_FILES[name], headers={"Cache-Control": "no-cache"})
 
 

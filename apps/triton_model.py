@@ -30,9 +30,10 @@ import os
 from pathlib import Path
 
 import numpy as np
-import triton_python_backend_utils as pb_utils
+import triton_python_backend_utils as pb_utils  # type: ignore[import-not-found]  # only in Triton's stub
 
 from ..runtime.errors import InputError, first_line
+from ..runtime.generation.streams import Stream
 from ..runtime.model import load
 from .triton_io import IMAGE, INPUTS, ServingLimits
 from .triton_requests import Item, parse_item, request_parameters, run_items, stream_items
@@ -120,8 +121,8 @@ class TritonPythonModel:
         if self.decoupled:
             self._stream(requests)
             return None
-        parsed = []  # per request: (first row index, row count) or the request's error
-        items = []
+        parsed: list[tuple[int, int] | InputError] = []  # per request: (first row index, row count) or its error
+        items: list[Item] = []
         for request in requests:
             try:
                 rows = _checked(self.model, request, self.limits)
@@ -144,7 +145,8 @@ class TritonPythonModel:
 
     def _stream(self, requests) -> None:
         """The decoupled batch: bad requests are refused at once, the rest stream as one batch."""
-        streams = []
+        streams: list[_Stream] = []
+        items: list[Item] = []  # the row of each stream
         for request in requests:
             stream = _Stream(request)
             try:
@@ -154,8 +156,8 @@ class TritonPythonModel:
             except InputError as exc:
                 stream.finish(_refusal(exc))
                 continue
-            stream.item = rows[0]
             streams.append(stream)
+            items.append(rows[0])
         if not streams:
             return
 
@@ -166,15 +168,11 @@ class TritonPythonModel:
             return [row for row, stream in enumerate(streams) if not stream.open]
 
         try:
-            steps = stream_items(self.model, [s.item for s in streams], stop)
-            while True:
-                try:
-                    row, chunk = next(steps)
-                except StopIteration as done:
-                    outcomes = done.value
-                    break
+            steps = Stream(stream_items(self.model, items, stop))
+            for row, chunk in steps:
                 streams[row].send(pb_utils.InferenceResponse(output_tensors=[
                     _strings("TEXT", [chunk.text]), _ids([(chunk.token_id,)]), _strings("RESULT", [""])]))
+            outcomes = steps.result
         except Exception as exc:  # the batch's error for every open request; the model goes on serving
             if not isinstance(exc, InputError):
                 pb_utils.Logger.log_error(f"generation failed: {exc!r}")
@@ -195,7 +193,6 @@ class _Stream:
     def __init__(self, request):
         self.request = request
         self.sender = request.get_response_sender()
-        self.item: Item | None = None
         self.open = True
 
     def send(self, response) -> None:

@@ -154,7 +154,7 @@ def run_items(model: PaliGemma, items: Sequence[Item | None]) -> list[Outcome | 
     outcomes: list[Outcome | None] = [None] * len(items)
     if not rows:
         return outcomes
-    checked = [items[i] for i in rows]
+    checked = [item for item in items if item is not None]
     try:
         generations = model.generate_batch(*_batch(checked))
         results = [_structure(model, g, it) for g, it in zip(generations, checked)]
@@ -173,13 +173,9 @@ def stream_items(model: PaliGemma, items: Sequence[Item], stop: Callable[[], Ite
     """Stream checked rows as one batch with their own options: yields ``(row, chunk)`` as tokens
     come and returns each row's result (a row ended by ``stop`` gets what it had). A failure of the
     generation itself propagates (the caller answers every unfinished row with it)."""
-    stream = model.stream_batch(*_batch(items), stop=stop)
-    while True:
-        try:
-            row, item = next(stream)
-        except StopIteration as done:
-            generations = done.value
-            break
-        if isinstance(item, TokenChunk):
-            yield row, item
+    with model.stream_batch(*_batch(items), stop=stop) as rows:
+        for row, item in rows:
+            if isinstance(item, TokenChunk):
+                yield row, item
+        generations = rows.result
     return [_structure(model, g, it) for g, it in zip(generations, items)]

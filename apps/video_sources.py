@@ -50,7 +50,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 from PIL import Image
@@ -64,20 +64,34 @@ _CAMERA_INDEX = re.compile(r"^(?:/dev/video)?(\d+)$")
 
 
 class Capture(Protocol):
-    """What a reader needs of a source: cv2.VideoCapture, or anything that reads frames like it."""
+    """What a live source's reader needs: cv2.VideoCapture, or anything that reads frames like it."""
 
     def read(self) -> tuple[bool, np.ndarray | None]: ...
 
     def release(self) -> None: ...
 
 
+@runtime_checkable
+class FileCapture(Capture, Protocol):
+    """What a file's reader needs besides: the position of the frame just read (``CAP_PROP_POS_MSEC``)."""
+
+    def get(self, prop_id: int) -> float: ...
+
+
 @dataclass(frozen=True)
 class VideoSource:
-    capture: Capture
+    capture: Capture  # a FileCapture for files (live=False)
     name: str  # for messages (URL passwords masked)
     live: bool
     fps: float | None  # the rate the source reports, if any
     size: tuple[int, int] | None = None  # width, height, if reported
+
+    @property
+    def description(self) -> str:
+        """The source for messages: its name, live or file, and the size and rate it reports."""
+        size = f", {self.size[0]}x{self.size[1]}" if self.size else ""
+        rate = f", {self.fps:g} fps" if self.fps else ""
+        return f"{self.name} ({'live' if self.live else 'file'}{size}{rate})"
 
 
 @dataclass(frozen=True)
@@ -202,8 +216,12 @@ def frame_to_picture(image: np.ndarray) -> Image.Image:
 class FrameReader(Protocol):
     """A source's frames as a loop over several sources takes them."""
 
-    frames_read: int
-    error: str | None  # why a live source ended early (read() raised), else None
+    @property
+    def frames_read(self) -> int: ...
+
+    @property
+    def error(self) -> str | None:
+        """Why a live source ended early (read() raised), else None."""
 
     def next(self) -> Frame | None:
         """The next frame to consider, or None: the source has ended, or (live) nothing new yet."""
@@ -219,7 +237,11 @@ class FileReader:
     """A video file, frame after frame, on its own timeline."""
 
     def __init__(self, source: VideoSource):
+        if not isinstance(source.capture, FileCapture):
+            raise TypeError(f"{source.name}: a video file's capture must report positions (get), "
+                            f"{type(source.capture).__name__} does not")
         self._source = source
+        self._capture: FileCapture = source.capture
         self._position = opencv().CAP_PROP_POS_MSEC
         self.frames_read = 0
         self.error: str | None = None
@@ -228,11 +250,11 @@ class FileReader:
     def next(self) -> Frame | None:
         if self._ended:
             return None
-        ok, image = self._source.capture.read()
+        ok, image = self._capture.read()
         if not ok or image is None:
             self._ended = True
             return None
-        position = self._source.capture.get(self._position)
+        position = self._capture.get(self._position)
         frame = Frame(self.frames_read, file_timestamp(self.frames_read, position, self._source.fps), image,
                       time.monotonic())
         self.frames_read += 1
@@ -243,7 +265,7 @@ class FileReader:
         return self._ended
 
     def close(self) -> None:
-        self._source.capture.release()
+        self._capture.release()
 
 
 class FrameGrabber:

@@ -23,6 +23,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
+from PIL import Image
+
 from ..runtime.model import PaliGemma
 from ..runtime.generation.results import Generation, TokenChunk
 from ..runtime.generation.sampling import GenerationOptions
@@ -52,11 +54,11 @@ class WorkerClosed(Exception):
 
 @dataclass
 class Job:
-    image: object  # an RGB PIL image
+    image: Image.Image  # RGB
     prompt: str  # checked by the caller: fits the bundle, and parseable (model.check_can_parse)
     options: GenerationOptions
     deadline: float  # time.monotonic() value
-    on_token: Callable[[TokenChunk], None] | None = None
+    on_token: Callable[[TokenChunk], object] | None = None  # what it returns is not used
     cancelled: threading.Event = field(default_factory=threading.Event)
     future: Future = field(default_factory=Future)
     prompt_len: int = 0  # prompt positions, image tokens included (set on submit)
@@ -80,7 +82,7 @@ class BatchStats:
 
 class ModelWorker:
     def __init__(self, model: PaliGemma, max_queue: int = 32, max_batch: int = 1, batch_wait_ms: float = 0.0):
-        engine_limit = getattr(model.backend, "max_batch", None)  # TensorRT engines are built for a max batch
+        engine_limit = model.backend.max_batch  # TensorRT engines are built for a max batch
         self.model = model
         self.max_queue = max_queue
         self.max_batch = max(1, min(max_batch, engine_limit or max_batch))

@@ -148,6 +148,7 @@ class _Prepared:
 
 def _prepare_model(options: BenchOptions, workdir: Path, progress: Progress) -> _Prepared:
     """Build or find the checkpoint, export it once (kept in ``workdir``), quantize to each precision."""
+    assert options.model is not None  # BenchOptions takes --model or --bundles; this is the --model path
     progress(f"building or finding model {options.model}")
     checkpoint = build_model(options.model, workdir)
     name = options.model if options.model in MODELS else checkpoint.name
@@ -217,8 +218,10 @@ def run_benchmark(options: BenchOptions, progress: Progress = lambda message: No
     baseline = None
     if options.baseline:
         progress("running the transformers baseline")
-        baseline = _worker(["transformers", str(prepared.checkpoint), *common])
-        weights = sum(p.stat().st_size for p in prepared.checkpoint.glob("*.safetensors"))
+        checkpoint = prepared.checkpoint
+        assert checkpoint is not None  # BenchOptions refuses the baseline with --bundles (no checkpoint)
+        baseline = _worker(["transformers", str(checkpoint), *common])
+        weights = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
         baseline.update(backend="transformers", precision="fp32", bundle_mb=weights / 1e6)
         results.append(baseline)
     for backend in options.backends:

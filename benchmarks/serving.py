@@ -83,7 +83,8 @@ class Server:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise SystemExit(f"serve exited: {self.process.stderr.read().strip()}")
+                stderr = self.process.stderr.read() if self.process.stderr is not None else ""  # PIPE: never None
+                raise SystemExit(f"serve exited: {stderr.strip()}")
             try:
                 with urllib.request.urlopen(self.url + "/healthz", timeout=1):
                     return

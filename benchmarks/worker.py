@@ -15,11 +15,13 @@ import json
 import statistics
 import sys
 import time
+from typing import Callable, TypeVar
 
 from ..fixtures.tiny import scene_image
 from ..runtime.memory import peak_rss_mb
 
 PROMPT = "caption en"
+T = TypeVar("T")
 
 
 class _TokenClock:
@@ -36,7 +38,7 @@ class _TokenClock:
         pass
 
 
-def _timed(function) -> tuple[float, object]:
+def _timed(function: Callable[[], T]) -> tuple[float, T]:
     start = time.perf_counter()
     value = function()
     return (time.perf_counter() - start) * 1000, value

@@ -245,12 +245,16 @@ def read_split(split: str, jsonl: Path, images: _ImageChecker | None = None) -> 
         text = jsonl.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         return [], [Problem(jsonl, 0, f"unreadable ({exc})")]
-    records, problems = [], []
+    records: list[Record] = []
+    problems: list[Problem] = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         result = _read_line(split, jsonl, number, line, images)
-        (records if isinstance(result, Record) else problems).append(result)
+        if isinstance(result, Record):
+            records.append(result)
+        else:
+            problems.append(result)
     if not records and not problems:
         problems.append(Problem(jsonl, 0, "no lines"))
     return records, problems

@@ -119,6 +119,7 @@ class _Outcome:
 
 def _objects(model: PaliGemma, record: Record, answer: str) -> metrics.ObjectsExample:
     w, h = record.width, record.height
+    parse: Callable[[str], list[tuple]]
     if record.kind == "detect":
         parse = lambda text: [(d.label, d.box) for d in parse_detections(text, w, h)]
     else:
@@ -207,18 +208,25 @@ def _objects_score(example: metrics.ObjectsExample, masks: bool) -> float:
     return float(sum(ious) / len(ious)) if ious else float(not example.predicted)
 
 
+def _parsed_objects(outcome: _Outcome) -> metrics.ObjectsExample:
+    """The objects :func:`score_answers` parsed for a detect or segment line."""
+    if outcome.objects is None:
+        raise ValueError(f"{outcome.record.kind} line scored without its parsed objects")
+    return outcome.objects
+
+
 def _kind_metrics(kind: str, group: Sequence[_Outcome]) -> tuple[dict, list[tuple[float, bool]]]:
     """The kind's metrics, and each line's (own score, right or not)."""
     if kind in ("detect", "segment"):
         masks = kind == "segment"
-        examples = [o.objects for o in group]
+        examples = [_parsed_objects(o) for o in group]
         lines = [(_objects_score(e, masks), metrics.perfect_objects(e, masks)) for e in examples]
         if masks:
-            s = metrics.segmentation_scores(examples)
-            values = {"mask_map_50_95": s.mask_map_50_95, "mask_map_50": s.mask_map_50, "mean_iou": s.mean_iou}
+            seg = metrics.segmentation_scores(examples)
+            values = {"mask_map_50_95": seg.mask_map_50_95, "mask_map_50": seg.mask_map_50, "mean_iou": seg.mean_iou}
         else:
-            s = metrics.detection_scores(examples)
-            values = {"map_50_95": s.map_50_95, "map_50": s.map_50, "recall_50": s.recall_50}
+            det = metrics.detection_scores(examples)
+            values = {"map_50_95": det.map_50_95, "map_50": det.map_50, "recall_50": det.recall_50}
         return values | {"exact_match": metrics.mean([hit for _, hit in lines])}, lines
     predictions, references = [o.answer for o in group], [o.record.suffix for o in group]
     hits = [TEXT_EXACT[kind](p, r) for p, r in zip(predictions, references)]

@@ -105,7 +105,9 @@ def _rule_problem(pattern: str, rewrite: str) -> str | None:
 
 def parse_rules(text: str, file: str | Path) -> tuple[Rule, ...]:
     """The rules of a FILE's text; InputError listing every bad line as ``FILE:LINE: what is wrong``."""
-    rules, problems, seen = [], [], {}
+    rules: list[Rule] = []
+    problems: list[str] = []
+    seen: dict[tuple[str, str], int] = {}
     for number, line in enumerate(text.splitlines(), start=1):
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
@@ -185,7 +187,7 @@ class VariantReport:
 class Ranked:
     name: str
     lines: int
-    value: float | None
+    value: float
     original: float | None
     change: float | None
 

@@ -89,7 +89,7 @@ def export_bundle(model: str, output: str | Path, options: ExportOptions = Expor
         np.save(staging / "embedding.npy", weight)
         checkpoint.processor.tokenizer.backend_tokenizer.save(str(staging / "tokenizer.json"))
         mask_spec = None
-        if mask_decoder is not None:
+        if mask_decoder is not None and options.mask_decoder is not None:
             shutil.copyfile(options.mask_decoder, staging / "mask_decoder.npz")
             mask_spec = MaskDecoderSpec(file="mask_decoder.npz", codebook_dim=mask_decoder.codebook_dim)
 

@@ -74,9 +74,17 @@ def read_image_spec(model, processor) -> ImageSpec:
         height=int(height), width=int(width), num_tokens=num_tokens,
         resample=int(ip.resample if ip.resample is not None else 3),
         rescale_factor=float(ip.rescale_factor) if do_rescale else 1.0,
-        mean=tuple(float(v) for v in ip.image_mean) if do_normalize else (0.0, 0.0, 0.0),
-        std=tuple(float(v) for v in ip.image_std) if do_normalize else (1.0, 1.0, 1.0),
+        mean=_per_channel(ip.image_mean, "image_mean") if do_normalize else (0.0, 0.0, 0.0),
+        std=_per_channel(ip.image_std, "image_std") if do_normalize else (1.0, 1.0, 1.0),
     )
+
+
+def _per_channel(values, name: str) -> tuple[float, float, float]:
+    """An RGB triple from the processor's per-channel list."""
+    channels = tuple(float(v) for v in values)
+    if len(channels) != 3:
+        raise InputError(f"processor {name} has {len(channels)} values, expected 3 (RGB)")
+    return channels[0], channels[1], channels[2]
 
 
 def decoder_spec(model, max_seq_len: int) -> DecoderSpec:
@@ -105,7 +113,7 @@ def looks_like_hub_id(model_ref: str) -> bool:
 def load_checkpoint(model_ref: str) -> Checkpoint:
     """Load MODEL (a local directory, or a hub id where the network allows) in fp32 on the CPU."""
     import torch
-    from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
+    from transformers import AutoProcessor, PaliGemmaForConditionalGeneration, PreTrainedConfig
 
     if not looks_like_hub_id(model_ref):
         _check_local_dir(Path(model_ref))
@@ -117,9 +125,12 @@ def load_checkpoint(model_ref: str) -> Checkpoint:
     except Exception as exc:  # loaders raise OSError, ValueError, SafetensorError, ... on a bad checkpoint
         raise InputError(f"{model_ref}: cannot load checkpoint ({first_line(exc)})") from exc
     model.eval()
-    family = FAMILIES.get(model.config.text_config.model_type)
+    text_config = model.config.text_config
+    if not isinstance(text_config, PreTrainedConfig):  # PaliGemmaConfig builds it from a dict or its default
+        raise InputError(f"{model_ref}: config has no text decoder config")
+    family = FAMILIES.get(text_config.model_type)
     if family is None:
-        raise InputError(f"{model_ref}: text decoder '{model.config.text_config.model_type}' is not Gemma or Gemma 2")
+        raise InputError(f"{model_ref}: text decoder '{text_config.model_type}' is not Gemma or Gemma 2")
     return Checkpoint(
         model=model, processor=processor, family=family,
         tokens=read_token_ids(model, processor), image=read_image_spec(model, processor),

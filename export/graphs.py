@@ -8,10 +8,15 @@ fed in as an input so the bundle stores that matrix once.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from ..runtime.bundle.manifest import SLIDING, DecoderSpec
+
+if TYPE_CHECKING:
+    from transformers import PaliGemmaForConditionalGeneration
 
 
 class VisionEncoder(nn.Module):
@@ -21,7 +26,7 @@ class VisionEncoder(nn.Module):
     projector's output, without the text embedding scale.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: PaliGemmaForConditionalGeneration):
         super().__init__()
         self.tower = model.model.vision_tower
         self.projector = model.model.multi_modal_projector
@@ -44,7 +49,7 @@ class DecoderStep(nn.Module):
     Outputs: logits of the last position [b, vocab]; present key/value per layer.
     """
 
-    def __init__(self, model: nn.Module, spec: DecoderSpec):
+    def __init__(self, model: PaliGemmaForConditionalGeneration, spec: DecoderSpec):
         super().__init__()
         language_model = model.model.language_model
         text_config = model.config.text_config

@@ -140,6 +140,8 @@ def export_graph(
                 output_names=[s.name for s in outputs], dynamic_shapes=dynamic_shapes,
                 dynamo=True, opset_version=OPSET, verbose=False,
             )
+            if program is None:  # only the legacy (dynamo=False) exporter returns nothing
+                raise RuntimeError("torch.onnx.export returned no program")
             program.save(str(path), external_data=external)
     except Exception as exc:  # the exporter raises many unrelated types; report its message
         raise GraphExportError(f"exporting {path.name} failed: {first_line(exc)}") from exc

@@ -41,8 +41,10 @@ def prepare_model(model, options: FinetuneOptions):
         return model
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=options.lora_rank, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,
-                        target_modules=TARGET_PATTERNS[options.target], bias="none")
+    # peft annotates lora_alpha as int but only divides by it (alpha / r): a fractional alpha works as given.
+    config = LoraConfig(r=options.lora_rank, lora_alpha=options.lora_alpha,  # type: ignore[arg-type]
+                        lora_dropout=options.lora_dropout, target_modules=TARGET_PATTERNS[options.target],
+                        bias="none")
     return get_peft_model(model, config)
 
 

@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..evaluation.datasets import Record
-from ..runtime.images import load_image
+from ..runtime.images import ImageInput, load_image
 
 IMAGE_TOKEN = "<image>"
 
@@ -30,7 +30,7 @@ IMAGE_TOKEN = "<image>"
 class Example:
     """One training pair: a picture (a path or a PIL image), the prefix, the answer, the task kind."""
 
-    image: object
+    image: ImageInput
     prefix: str
     suffix: str
     kind: str = "other"

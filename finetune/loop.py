@@ -23,12 +23,16 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence, TypeVar
 
 from ..runtime.errors import InputError
 from .options import Schedule
 
+if TYPE_CHECKING:
+    import torch
+
 Progress = Callable[[str], None]
+ExampleT = TypeVar("ExampleT")  # what ``source`` gives and ``collate`` takes (finetune's and shapes' Example)
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,7 @@ class LoopResult:
     resumed_at: int  # 0 for a run from scratch
 
 
-def trainable_parameters(model) -> list[tuple[str, object]]:
+def trainable_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
     return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
 
 
@@ -189,11 +193,12 @@ def _scores_line(scores: dict) -> str:
     return ", ".join(shown) or "done"
 
 
-def train_loop(model, source: Callable[[int], Sequence[Sequence[object]]], collate: Callable[[Sequence[object]], dict],
+def train_loop(model, source: Callable[[int], Sequence[Sequence[ExampleT]]],
+               collate: Callable[[Sequence[ExampleT]], dict],
                config: LoopConfig, progress: Progress = lambda line: None,
                evaluate: Callable[[object, int], dict] | None = None,
-               checkpoint: Callable[[object, object, LoopState], None] | None = None,
-               state: LoopState | None = None, optimizer=None, kind_of: Callable[[object], str] | None = None
+               checkpoint: Callable[[object, object, LoopState], object] | None = None,
+               state: LoopState | None = None, optimizer=None, kind_of: Callable[[ExampleT], str] | None = None
                ) -> LoopResult:
     """Train ``model`` for ``config.steps`` optimizer steps from ``state.step`` (0: from scratch).
 

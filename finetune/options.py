@@ -91,10 +91,10 @@ class FinetuneOptions:
         for name, value in positive.items():
             if value < 1:
                 raise InputError(f"{name} must be at least 1, got {value}")
-        for name, value in {"eval_every": self.eval_every, "save_every": self.save_every,
-                            "weight_decay": self.weight_decay, "lora_dropout": self.lora_dropout}.items():
-            if value < 0:
-                raise InputError(f"{name} must be 0 or more, got {value}")
+        for name, amount in {"eval_every": self.eval_every, "save_every": self.save_every,
+                             "weight_decay": self.weight_decay, "lora_dropout": self.lora_dropout}.items():
+            if amount < 0:
+                raise InputError(f"{name} must be 0 or more, got {amount}")
         if not (self.lr > 0 and self.lora_alpha > 0 and self.epochs > 0):
             raise InputError("lr, lora_alpha and epochs must be positive")
         if self.warmup is not None and self.warmup < 0:
@@ -103,10 +103,10 @@ class FinetuneOptions:
             raise InputError(f"max_grad_norm must be positive (or None: no clipping), got {self.max_grad_norm}")
         if self.lora_dropout >= 1:
             raise InputError(f"lora_dropout must be below 1, got {self.lora_dropout}")
-        for name, value, allowed in (("target", self.target, TARGETS), ("device", self.device, DEVICES),
-                                     ("bf16", self.bf16, BF16_MODES)):
-            if value not in allowed:
-                raise InputError(f"{name} must be one of {', '.join(allowed)}, got '{value}'")
+        for name, choice, allowed in (("target", self.target, TARGETS), ("device", self.device, DEVICES),
+                                      ("bf16", self.bf16, BF16_MODES)):
+            if choice not in allowed:
+                raise InputError(f"{name} must be one of {', '.join(allowed)}, got '{choice}'")
         if self.full and self.merge:
             raise InputError("--merge goes with LoRA adapters; --full already writes a full checkpoint")
         if not self.full and self.target == "all" and self.freeze_vision:

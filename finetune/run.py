@@ -100,7 +100,7 @@ def load_base(base: str | Path):
 def _versions() -> dict:
     import importlib.metadata as md
 
-    found = {}
+    found: dict[str, str | None] = {}
     for name in ("paligemma-edge", "torch", "transformers", "peft"):
         try:
             found[name] = md.version(name)

@@ -273,6 +273,13 @@ def _prompts(args) -> list[str]:
     return prompts
 
 
+def _objects_of(result) -> list:
+    """The detections or segmentations of a task result; none for a text answer."""
+    from .runtime.generation.results import DetectionResult, SegmentationResult
+
+    return list(result.objects) if isinstance(result, (DetectionResult, SegmentationResult)) else []
+
+
 def _describe_objects(objects) -> list[str]:
     from .runtime.generation.parsing import Segmentation
 
@@ -299,24 +306,21 @@ def _cmd_run(args) -> int:
     pictures = [load_image(path) for path in args.image]
     found = []
     with load(args.bundle, backend=args.backend, verify=not args.no_verify, threads=args.threads) as model:
+        model.check_can_parse(prompts)  # a segment prompt without a mask decoder fails before any work
         if not args.json and len(prompts) == 1 and len(pictures) == 1:
-            # One answer in a terminal: print it as it is generated.
-            picture = pictures[0]
-            model.check_can_parse(prompts)
-            text = ""
-            for chunk in model.stream_tokens(picture, prompts[0], options):
-                print(chunk.text, end="", flush=True)
-                text += chunk.text
+            # One answer in a terminal: print it as it is generated, then the objects of its result.
+            with model.stream(pictures[0], prompts[0], options) as stream:
+                for chunk in stream:
+                    print(chunk.text, end="", flush=True)
             print()
-            objects = model.parse_answer(prompts[0], text, *picture.size) or []
+            objects = _objects_of(stream.result)
             print("\n".join(_describe_objects(objects)), end="\n" if objects else "")
             found += objects
         else:
-            model.check_can_parse(prompts)
             for index, result in enumerate(model.generate_batch(pictures, prompts, options)):
                 picture = pictures[0 if len(pictures) == 1 else index]
                 structured = model.structure(result, *picture.size)
-                objects = list(getattr(structured, "objects", ()))
+                objects = _objects_of(structured)
                 found += objects
                 if args.json:
                     print(json.dumps(structured.to_dict()), flush=True)
@@ -355,7 +359,8 @@ def _cmd_inspect(args) -> int:
 
 
 def _cmd_camera(args) -> int:
-    from .apps.camera import CameraOptions, open_sources, run_on_sources
+    from .apps.camera import CameraOptions, run_on_sources
+    from .apps.video_sources import open_sources
     from .runtime.model import load
     from .runtime.generation.sampling import GenerationOptions
 

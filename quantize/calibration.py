@@ -17,21 +17,26 @@ What is decided here:
   taken in rounds, one line of each image a round, each image starting at a different one of its
   lines so the task kinds mix. The cap bounds the recorded feeds, which are all held in memory
   (each decode feed holds the KV cache: 32 pairs are about 4 GB for PaliGemma 2 3B at 224 px).
+- The feeds are recorded through the ONNX Runtime backend's feed observer (runtime/backends/base.py
+  SessionHooks): a copy of every input of every vision and decoder run, the tied table aside.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Mapping, Sequence, Union
 
 import numpy as np
 from PIL import Image
 
+from ..runtime.backends.base import SessionHooks, create_backend
+from ..runtime.bundle.manifest import read_manifest, verify_files
 from ..runtime.errors import InputError
-from ..runtime.images import load_image
-from ..runtime.model import load
+from ..runtime.generation.prompt import PromptTokenizer
 from ..runtime.generation.sampling import GenerationOptions
+from ..runtime.images import load_image
+from ..runtime.model import PaliGemma
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 DEFAULT_PROMPTS = ["caption en", "describe en", "ocr", "answer en what is in the image", "detect object"]
@@ -49,6 +54,11 @@ class CalibrationSet:
 
     vision: list[dict[str, np.ndarray]] = field(default_factory=list)
     decoder: list[dict[str, np.ndarray]] = field(default_factory=list)
+
+    def observe(self, graph: str, feeds: Mapping[str, np.ndarray]) -> None:
+        """A backend's feed observer: keep a copy of the run's inputs (the backend reuses their memory)."""
+        runs = self.vision if graph == "vision" else self.decoder
+        runs.append({name: np.array(value, copy=True) for name, value in feeds.items() if name not in CONSTANT_INPUTS})
 
 
 def images_in(directory: Path) -> list[Path]:
@@ -176,50 +186,21 @@ def calibration_inputs(path: str | Path | None, limit: int = DATASET_PAIRS) -> C
 CONSTANT_INPUTS = ("embedding",)
 
 
-class _Recorder:
-    """Wraps an ONNX Runtime session and keeps a numpy copy of every feed it runs (constants aside)."""
-
-    def __init__(self, session, sink: list):
-        self._session = session
-        self._sink = sink
-
-    def run(self, names, feed, *rest):
-        self._sink.append({k: np.array(v) for k, v in feed.items() if k not in CONSTANT_INPUTS})
-        return self._session.run(names, feed, *rest)
-
-    def io_binding(self):
-        """The backend binds its decoder inputs: note each as it is bound, keep them when the run starts."""
-        binding, bound = self._session.io_binding(), {}
-        bind = binding.bind_ortvalue_input
-
-        def record(name, value):
-            if name not in CONSTANT_INPUTS:
-                # a copy: an OrtValue made from a numpy array wraps that array's memory, which the
-                # backend frees after the step (a view would read whatever is allocated there next)
-                bound[name] = np.array(value.numpy(), copy=True)
-            bind(name, value)
-
-        binding.bind_ortvalue_input = record
-        binding.recorded = bound
-        return binding
-
-    def run_with_iobinding(self, binding, *rest):
-        self._sink.append(dict(binding.recorded))
-        return self._session.run_with_iobinding(binding, *rest)
-
-    def __getattr__(self, name):
-        return getattr(self._session, name)
+def _load_observed(bundle: Path, observer: CalibrationSet) -> PaliGemma:
+    """The bundle on the ONNX Runtime CPU backend with ``observer`` watching its graphs."""
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    verify_files(bundle, manifest, checksums=False)
+    backend = create_backend("onnxruntime", bundle, manifest, hooks=SessionHooks(observer=observer.observe))
+    return PaliGemma(bundle, manifest, backend, PromptTokenizer(bundle / manifest.tokenizer, manifest))
 
 
 def record(bundle: Path, pairs: Sequence[tuple[Picture, str]], decode_steps: int = DECODE_STEPS) -> CalibrationSet:
     """Run each (picture, prompt) pair through the bundle (greedy), recording the graphs' feeds;
     consecutive pairs on one picture load it once."""
     recorded = CalibrationSet()
-    with load(bundle, verify=False) as model:
+    with _load_observed(bundle, recorded) as model:
         model.feature_cache.max_entries = 0  # every pair's image through the vision graph
-        backend = model.backend
-        backend.vision = _Recorder(backend.vision, recorded.vision)
-        backend.decoder = _Recorder(backend.decoder, recorded.decoder)
         options = GenerationOptions(max_new_tokens=decode_steps + 1)
         loaded: dict = {}
         for picture, prompt in pairs:  # one at a time: a batch would multiply each feed's KV cache

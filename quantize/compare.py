@@ -248,10 +248,10 @@ def compare_bundles(reference: str | Path, candidate: str | Path, images_dir: st
     ``dataset`` ("shapes" or a JSONL ``PATH[:split]``), also each bundle's task metrics on its first
     ``dataset_n`` scenes (default 100) or lines (default all)."""
     reference, candidate = Path(reference), Path(candidate)
-    manifests = [read_manifest(b) if b.is_dir() else None for b in (reference, candidate)]
-    if None in manifests:
-        raise InputError(f"{reference if manifests[0] is None else candidate}: no such bundle directory")
-    if manifests[0].decoder.vocab_size != manifests[1].decoder.vocab_size:
+    ref_manifest, cand_manifest = (read_manifest(b) if b.is_dir() else None for b in (reference, candidate))
+    if ref_manifest is None or cand_manifest is None:
+        raise InputError(f"{reference if ref_manifest is None else candidate}: no such bundle directory")
+    if ref_manifest.decoder.vocab_size != cand_manifest.decoder.vocab_size:
         raise InputError("the two bundles have different vocabularies: not the same model")
     if images_dir is None and dataset is None:
         raise InputError("give --images DIR or --dataset shapes|PATH[:split]")
@@ -271,7 +271,7 @@ def compare_bundles(reference: str | Path, candidate: str | Path, images_dir: st
     options = GenerationOptions(max_new_tokens=max_new_tokens)
     ref_tokens, ref_stats = _free_run(reference, inputs, options)
     cand_tokens, cand_stats = _free_run(candidate, inputs, options)
-    divergence = []
+    divergence: list[int | None] = []
     for ours, theirs in zip(ref_tokens, cand_tokens):
         if ours == theirs:
             divergence.append(None)

@@ -28,7 +28,7 @@ def _weight_matmuls(model: onnx.ModelProto, exclude: list[str]):
             users[name] = users.get(name, 0) + 1
     for node in list(model.graph.node):
         weight = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else None
-        if node.name in exclude or weight not in initializers or users[weight] != 1:
+        if weight is None or node.name in exclude or weight not in initializers or users[weight] != 1:
             continue
         tensor = initializers[weight]
         if len(tensor.dims) == 2 and tensor.data_type == onnx.TensorProto.FLOAT:

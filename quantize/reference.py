@@ -20,6 +20,7 @@ import onnx
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
+from ..runtime.backends.base import BackendBase
 from ..runtime.backends.embedding import HostEmbedding
 from ..runtime.bundle.manifest import GraphSpec, Manifest, past_names, present_names, read_manifest
 from ..runtime.model import PaliGemma
@@ -101,7 +102,7 @@ def evaluator(path: Path) -> ReferenceEvaluator:
     return ReferenceEvaluator(sorted_topologically(model), new_ops=CUSTOM_OPS)
 
 
-class ReferenceBackend:
+class ReferenceBackend(BackendBase[dict[str, np.ndarray]]):
     """The runtime's backend interface over onnx's reference evaluator (CPU, numpy, slow)."""
 
     name = "onnx-reference"
@@ -109,8 +110,8 @@ class ReferenceBackend:
     def __init__(self, bundle_dir: Path, manifest: Manifest):
         self.manifest = manifest
         bundle_dir = Path(bundle_dir)
-        self.vision = evaluator(bundle_dir / manifest.vision_graph.file)
-        self.decoder = evaluator(bundle_dir / manifest.decoder_graph.file)
+        self.vision: ReferenceEvaluator | None = evaluator(bundle_dir / manifest.vision_graph.file)
+        self.decoder: ReferenceEvaluator | None = evaluator(bundle_dir / manifest.decoder_graph.file)
         self._dtypes = {t.name: np.dtype(t.dtype)
                         for graph in (manifest.vision_graph, manifest.decoder_graph) for t in graph.inputs}
         self.host_embedding = HostEmbedding(bundle_dir, manifest, self._dtypes)
@@ -121,7 +122,8 @@ class ReferenceBackend:
 
     def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is what this backend is for: it shows in the values
-            (embeds,) = self.vision.run(None, {"pixel_values": pixel_values.astype(self._dtypes["pixel_values"])})
+            (embeds,) = run_graph(self._open(self.vision),
+                                  {"pixel_values": pixel_values.astype(self._dtypes["pixel_values"])})
         return embeds.astype(np.float32)
 
     def embed(self, token_ids: np.ndarray) -> np.ndarray:
@@ -139,14 +141,28 @@ class ReferenceBackend:
                 "position_ids": np.asarray(position_ids, np.int64), **masks, **self._constants, **cache}
         names = graph.output_names()
         with np.errstate(over="ignore", invalid="ignore"):
-            outputs = dict(zip(names, self.decoder.run(names, feed)))
+            outputs = dict(zip(names, run_graph(self._open(self.decoder), feed, names)))
         self.outputs_seen.append({name: bool(np.isfinite(value).all()) for name, value in outputs.items()})
         for present, past in self._routes:
             cache[past] = outputs[present]
         return outputs[names[0]].astype(np.float32)
 
-    def close(self) -> None:
+    def release(self) -> None:
         self.vision = self.decoder = None
+
+    def _open(self, graph: ReferenceEvaluator | None) -> ReferenceEvaluator:
+        if graph is None:
+            raise RuntimeError(f"the {self.name} backend is closed")
+        return graph
+
+
+def run_graph(graph: ReferenceEvaluator, feed: dict[str, np.ndarray], names: list[str] | None = None
+              ) -> list[np.ndarray]:
+    """``graph``'s outputs (all, or ``names``) in order (``run`` answers a dict only for ``intermediate=True``)."""
+    outputs = graph.run(names, feed)
+    if not isinstance(outputs, list):
+        raise TypeError(f"ReferenceEvaluator.run returned {type(outputs).__name__}, expected a list")
+    return outputs
 
 
 def load_reference(bundle: str | Path) -> PaliGemma:

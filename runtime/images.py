@@ -76,14 +76,14 @@ def load_image(source: ImageInput, max_pixels: int | None = None, name: str | No
         if not len(source):
             raise InputError(f"{name or 'the image data'}: empty")
         return _open_and_decode(io.BytesIO(bytes(source)), name or "the image data", max_pixels)
-    if hasattr(source, "read"):
-        return _open_and_decode(source, name or str(getattr(source, "name", "the image file")), max_pixels)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
             raise InputError(f"{name or path}: no such image file")
         with path.open("rb") as handle:
             return _open_and_decode(handle, name or str(path), max_pixels)
+    if hasattr(source, "read"):
+        return _open_and_decode(source, name or str(getattr(source, "name", "the image file")), max_pixels)
     raise InputError(f"cannot read an image from a {type(source).__name__}: give a path, bytes, a PIL image "
                      "or a uint8 array")
 

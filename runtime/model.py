@@ -1,18 +1,31 @@
-"""``paligemma_edge.load(bundle)``: a loaded bundle with a generation API."""
+"""``paligemma_edge.load(bundle)``: a loaded bundle with a generation API in the mlx-lm manner.
+
+What is decided here:
+- ``generate(image, prompt)`` returns a result; ``stream(image, prompt)`` yields :class:`TokenChunk`
+  and, read to its end, holds the same result as ``.result`` (a :class:`~.generation.streams.Stream`).
+  Both are one path: ``generate`` is ``stream`` drained, and a single answer is a batch of one.
+- ``detect ...`` / ``segment ...`` prompts come back parsed (``structure``), also from free prompts.
+- The task methods (caption, describe, ocr, answer, detect, segment) are ``generate`` on the task's
+  exact prompt (``build_prompt``) and return that task's result type; a task streams as
+  ``model.stream(image, build_prompt(task, ...))``.
+- ``generate_batch`` is ``stream_batch`` drained; ``stream_batch`` yields per-row events and lets
+  the caller end rows (``stop``) or the whole batch (``close``) after the current step.
+"""
 
 from __future__ import annotations
 
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Generator, Iterable, Iterator, Sequence, Union
+from typing import Callable, Generator, Iterable, Iterator, Sequence, TypeVar, Union
 
 import numpy as np
+from PIL import Image
 
-from .backends.base import create_backend
+from .backends.base import Backend, create_backend
 from .errors import BundleError, InputError
 from .feature_cache import FeatureCache
-from .generation.loop import generate_steps
+from .generation.loop import Step, generate_steps
 from .images import ImageInput, load_image
 from .bundle.manifest import Manifest, read_manifest, verify_files
 from .generation.mask_decoder import MaskDecoder
@@ -21,20 +34,21 @@ from .preprocess import preprocess
 from .generation.prompt import PromptTokenizer
 from .generation.results import DetectionResult, Generation, SegmentationResult, Timings, TokenChunk
 from .generation.sampling import GenerationOptions
+from .generation.streams import Stream
 from .generation.tasks import build_prompt, result_kind
 
 TaskResult = Union[Generation, DetectionResult, SegmentationResult]
 RowOptions = Union[GenerationOptions, Sequence[GenerationOptions], None]  # one for the batch, or one per prompt
-_RESULT_TYPES = {"detections": DetectionResult, "segmentations": SegmentationResult}
+R = TypeVar("R", Generation, DetectionResult, SegmentationResult)
 
 
 class PaliGemma:
     """A bundle loaded on a backend. Use :func:`load` to create one."""
 
-    def __init__(self, bundle_dir: Path, manifest: Manifest, backend, tokenizer: PromptTokenizer,
+    def __init__(self, bundle_dir: Path, manifest: Manifest, backend: Backend, tokenizer: PromptTokenizer,
                  feature_cache: FeatureCache | None = None):
         self.bundle_dir = bundle_dir
-        limit = getattr(backend, "max_seq_len", None)  # engines may be built for fewer positions than the graph
+        limit = backend.max_seq_len  # engines may be built for fewer positions than the graph
         if limit is not None and limit < manifest.decoder.max_seq_len:
             manifest = replace(manifest, decoder=replace(manifest.decoder, max_seq_len=limit))
         self.manifest = manifest
@@ -46,7 +60,7 @@ class PaliGemma:
     def __enter__(self) -> "PaliGemma":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:
@@ -66,7 +80,9 @@ class PaliGemma:
             raise InputError(f"got {len(images)} images for {len(prompts)} prompts: give one image, or one per prompt")
         return list(range(len(prompts)))
 
-    def _steps(self, images, prompts, options, stop):
+    def _steps(self, images: Sequence[ImageInput], prompts: Sequence[str],
+               options: GenerationOptions | Sequence[GenerationOptions], stop: Callable[[], Iterable[int]] | None
+               ) -> tuple[float, Iterator[Step]]:
         """Start a generation: returns (vision ms, step iterator)."""
         image_index = self._pair(images, prompts)
         batch = self.tokenizer.batch(list(prompts))  # checks lengths before any model work
@@ -85,33 +101,34 @@ class PaliGemma:
         """Several prompts in one left-padded batch, on one shared image or one image each.
 
         ``options``: one for the batch, or one per prompt (each prompt then decodes exactly as it does
-        alone, sampling included: see :class:`~.sampling.Sampler`)."""
-        stream = self.stream_batch(images, prompts, options)
-        while True:
-            try:
-                next(stream)
-            except StopIteration as done:
-                return done.value
+        alone, sampling included: see :class:`~.sampling.Sampler`). :meth:`stream_batch`, drained."""
+        return self.stream_batch(images, prompts, options).drain()
 
     def stream_batch(
         self, images: Sequence[ImageInput], prompts: Sequence[str], options: RowOptions = None,
         stop: Callable[[], Iterable[int]] | None = None,
-    ) -> Generator[tuple[int, TokenChunk | Generation], None, list[Generation]]:
+    ) -> Stream[tuple[int, TokenChunk | Generation], list[Generation]]:
         """:meth:`generate_batch`, streamed: yields ``(row, TokenChunk)`` as each row's tokens come and
-        ``(row, Generation)`` as soon as a row is done (the rest of the batch may go on), and returns
-        every row's :class:`Generation`. ``stop`` is asked after each step which rows to end now
-        (those get no Generation event; their returned Generations hold what they had). Closing the
-        generator stops generation after the current step."""
+        ``(row, Generation)`` as soon as a row is done (the rest of the batch may go on); its
+        ``result`` is every row's :class:`Generation`. ``stop`` is asked after each step which rows
+        to end now (those get no Generation event; their Generations in ``result`` hold what they
+        had). Closing the stream stops generation after the current step."""
+        return Stream(self._batch_steps(images, prompts, options, stop))
+
+    def _batch_steps(
+        self, images: Sequence[ImageInput], prompts: Sequence[str], options: RowOptions,
+        stop: Callable[[], Iterable[int]] | None,
+    ) -> Generator[tuple[int, TokenChunk | Generation], None, list[Generation]]:
         options = options or GenerationOptions()
         per_row = [options] * len(prompts) if isinstance(options, GenerationOptions) else list(options)
         vision_ms, steps = self._steps(images, prompts, options, stop)
         texts = [_TextStream(self.tokenizer) for _ in prompts]
         reasons = ["length"] * len(prompts)
-        results: list[Generation | None] = [None] * len(prompts)
+        results: dict[int, Generation] = {}
         clock = _StepClock(vision_ms)
         for step in steps:
             clock.tick()
-            for row in np.flatnonzero(step.active):
+            for row in np.flatnonzero(step.active).tolist():
                 if step.reached_eos[row]:
                     reasons[row] = "eos"
                 else:
@@ -124,11 +141,11 @@ class PaliGemma:
                                                     clock.timings())
                     yield row, results[row]
         for row, text in enumerate(texts):  # rows stopped by the caller, or cut by the bundle's max sequence
-            if results[row] is None:
+            if row not in results:
                 for chunk in text.finish():
                     yield row, chunk
                 results[row] = self._generation(prompts[row], text.ids, reasons[row], per_row[row], clock.timings())
-        return results
+        return [results[row] for row in range(len(prompts))]
 
     def _generation(self, prompt: str, ids: list[int], reason: str, options: GenerationOptions,
                     timings: Timings) -> Generation:
@@ -137,32 +154,6 @@ class PaliGemma:
             prompt=prompt, text=self.tokenizer.decode(ids), token_ids=tuple(ids),
             finish_reason="max_seq_len" if reason == "length" and budget_cut else reason, timings=timings,
         )
-
-    def stream_generation(self, image: ImageInput, prompt: str, options: GenerationOptions | None = None
-                          ) -> Generator[TokenChunk, None, Generation]:
-        """Yield each generated token (eos excluded) with the text it completes; the generator's
-        return value (``StopIteration.value``) is the whole :class:`Generation`, as ``generate_batch``
-        gives it. Closing the generator early stops generation after the current step.
-
-        A token that ends inside a multi-byte character is held back until the character is
-        complete (or generation ends), so the chunks' texts always join to the full answer.
-        """
-        stream = self.stream_batch([image], [prompt], options)
-        try:
-            while True:
-                try:
-                    _, item = next(stream)
-                except StopIteration as done:
-                    return done.value[0]
-                if isinstance(item, TokenChunk):
-                    yield item
-        finally:
-            stream.close()
-
-    def stream_tokens(self, image: ImageInput, prompt: str, options: GenerationOptions | None = None
-                      ) -> Iterator[TokenChunk]:
-        """The chunks of :meth:`stream_generation`, without its final Generation."""
-        yield from self.stream_generation(image, prompt, options)
 
     # -- tasks -------------------------------------------------------------------------------
 
@@ -181,58 +172,75 @@ class PaliGemma:
         if any(result_kind(p) == "segmentations" for p in prompts):
             self.mask_decoder()
 
-    def _parse(self, kind: str, text: str, width: int, height: int) -> list:
-        if kind == "detections":
-            return parse_detections(text, width, height)
-        return parse_segmentations(text, width, height, self.mask_decoder())
-
-    def parse_answer(self, prompt: str, text: str, width: int, height: int) -> list | None:
-        """Detections or segmentations in a detect/segment answer for a width x height image; None for text tasks."""
-        kind = result_kind(prompt)
-        return None if kind == "text" else self._parse(kind, text, width, height)
-
     def structure(self, generation: Generation, width: int, height: int) -> TaskResult:
         """Wrap a detect/segment answer with its parsed objects; other answers pass through."""
         kind = result_kind(generation.prompt)
         if kind == "text":
             return generation
-        return _RESULT_TYPES[kind](generation, tuple(self._parse(kind, generation.text, width, height)))
+        if kind == "detections":
+            return DetectionResult(generation, tuple(parse_detections(generation.text, width, height)))
+        return SegmentationResult(
+            generation, tuple(parse_segmentations(generation.text, width, height, self.mask_decoder()))
+        )
 
-    def generate(self, image: ImageInput, prompt: str, options: GenerationOptions | None = None,
-                 stream: bool = False) -> TaskResult | Iterator[TokenChunk]:
-        """Free text for any prompt; ``detect ...`` / ``segment ...`` prompts come back parsed.
+    def stream(self, image: ImageInput, prompt: str, options: GenerationOptions | None = None
+               ) -> Stream[TokenChunk, TaskResult]:
+        """Yield each generated token (eos excluded) with the text it completes; once read to its
+        end, the stream's ``result`` is what :meth:`generate` returns (parsed for detect/segment).
+        Closing it (or leaving ``with model.stream(...) as stream:``) stops generation after the
+        current step. A task streams through its prompt: ``model.stream(image, build_prompt("caption"))``.
 
-        With ``stream=True``, an iterator of :class:`TokenChunk` instead (raw text, unparsed).
+        A token that ends inside a multi-byte character is held back until the character is
+        complete (or generation ends), so the chunks' texts always join to the full answer.
+        The image is read and a segment prompt checked here; generation starts at the first chunk.
         """
         picture = load_image(image)
         self.check_can_parse([prompt])
-        if stream:
-            return self.stream_tokens(picture, prompt, options)
-        generation = self.generate_batch([picture], [prompt], options)[0]
-        return self.structure(generation, *picture.size)
+        return Stream(self._one_answer(picture, prompt, options))
 
-    def caption(self, image: ImageInput, lang: str | None = None, options: GenerationOptions | None = None,
-                stream: bool = False):
-        return self.generate(image, build_prompt("caption", lang=lang), options, stream)
+    def _one_answer(self, picture: Image.Image, prompt: str, options: GenerationOptions | None
+                    ) -> Generator[TokenChunk, None, TaskResult]:
+        with self.stream_batch([picture], [prompt], options) as rows:
+            for _, item in rows:
+                if isinstance(item, TokenChunk):
+                    yield item
+            return self.structure(rows.result[0], *picture.size)
 
-    def describe(self, image: ImageInput, lang: str | None = None, options: GenerationOptions | None = None,
-                 stream: bool = False):
-        return self.generate(image, build_prompt("describe", lang=lang), options, stream)
+    def generate(self, image: ImageInput, prompt: str, options: GenerationOptions | None = None) -> TaskResult:
+        """The answer to any prompt: a :class:`Generation`, or for ``detect ...`` / ``segment ...``
+        prompts a :class:`DetectionResult` / :class:`SegmentationResult`. :meth:`stream`, drained."""
+        return self.stream(image, prompt, options).drain()
 
-    def ocr(self, image: ImageInput, options: GenerationOptions | None = None, stream: bool = False):
-        return self.generate(image, build_prompt("ocr"), options, stream)
+    # Each task method is generate() on the task's prompt (tasks.build_prompt); to stream a task,
+    # stream that prompt: model.stream(image, build_prompt("detect", objects=["cat"])).
 
-    def answer(self, image: ImageInput, question: str, lang: str | None = None, options: GenerationOptions | None = None,
-               stream: bool = False):
-        return self.generate(image, build_prompt("answer", lang=lang, question=question), options, stream)
+    def caption(self, image: ImageInput, lang: str | None = None, options: GenerationOptions | None = None
+                ) -> Generation:
+        return self._task(image, build_prompt("caption", lang=lang), options, Generation)
 
-    def detect(self, image: ImageInput, objects: Sequence[str], options: GenerationOptions | None = None,
-               stream: bool = False):
-        return self.generate(image, build_prompt("detect", objects=objects), options, stream)
+    def describe(self, image: ImageInput, lang: str | None = None, options: GenerationOptions | None = None
+                 ) -> Generation:
+        return self._task(image, build_prompt("describe", lang=lang), options, Generation)
 
-    def segment(self, image: ImageInput, objects: Sequence[str], options: GenerationOptions | None = None,
-                stream: bool = False):
-        return self.generate(image, build_prompt("segment", objects=objects), options, stream)
+    def ocr(self, image: ImageInput, options: GenerationOptions | None = None) -> Generation:
+        return self._task(image, build_prompt("ocr"), options, Generation)
+
+    def answer(self, image: ImageInput, question: str, lang: str | None = None,
+               options: GenerationOptions | None = None) -> Generation:
+        return self._task(image, build_prompt("answer", lang=lang, question=question), options, Generation)
+
+    def detect(self, image: ImageInput, objects: Sequence[str], options: GenerationOptions | None = None
+               ) -> DetectionResult:
+        return self._task(image, build_prompt("detect", objects=objects), options, DetectionResult)
+
+    def segment(self, image: ImageInput, objects: Sequence[str], options: GenerationOptions | None = None
+                ) -> SegmentationResult:
+        return self._task(image, build_prompt("segment", objects=objects), options, SegmentationResult)
+
+    def _task(self, image: ImageInput, prompt: str, options: GenerationOptions | None, kind: type[R]) -> R:
+        result = self.generate(image, prompt, options)
+        assert isinstance(result, kind)  # cannot fail: build_prompt's prefix decides the kind (tasks.result_kind)
+        return result
 
 
 class _TextStream:
@@ -273,12 +281,12 @@ class _StepClock:
     def __init__(self, vision_ms: float):
         self.vision_ms = vision_ms
         self.start = time.perf_counter()
-        self.first = self.last = None
+        self.first: float | None = None
         self.steps = 0
 
     def tick(self) -> None:
-        self.last = time.perf_counter()
-        self.first = self.first or self.last
+        now = time.perf_counter()
+        self.first = self.first or now
         self.steps += 1
 
     def timings(self) -> Timings:

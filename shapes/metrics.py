@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 
 Box = tuple[float, float, float, float]  # (x0, y0, x1, y1)
+ItemT = TypeVar("ItemT")  # what is matched: a box, or a mask
 
 
 def normalize_text(text: str) -> str:
@@ -26,7 +28,8 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
-def match(predicted: list[tuple[str, object]], truth: list[tuple[str, object]], iou) -> list[float]:
+def match(predicted: Sequence[tuple[str, ItemT]], truth: Sequence[tuple[str, ItemT]],
+          iou: Callable[[ItemT, ItemT], float]) -> list[float]:
     """Greedy one-to-one matching of same-label pairs by decreasing IoU: each truth item's IoU
     with its match (0 where none)."""
     pairs = sorted(
@@ -51,7 +54,7 @@ class DetectionCounts:
     predicted: int = 0
     truth: int = 0
 
-    def add(self, predicted: list[tuple[str, Box]], truth: list[tuple[str, Box]]) -> None:
+    def add(self, predicted: Sequence[tuple[str, Box]], truth: Sequence[tuple[str, Box]]) -> None:
         ious = match(predicted, truth, box_iou)
         self.true_positives += sum(v >= self.threshold for v in ious)
         self.predicted += len(predicted)

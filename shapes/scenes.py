@@ -58,7 +58,7 @@ def _overlaps(a, b, gap: int = _GAP) -> bool:
     return not (a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1])
 
 
-def _font(size: int) -> ImageFont.FreeTypeFont:
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
 
@@ -66,17 +66,19 @@ def sample_scene(rng: np.random.Generator, shapes: tuple[str, ...] = SHAPES) -> 
     """Draw a scene description (no pixels yet) from ``rng``, its objects among ``shapes``.
 
     With the default ``shapes`` a seed gives the scene it always gave (the committed model's data)."""
-    background = tuple(int(v) for v in rng.integers(228, 256, size=3))
+    red, green, blue = (int(v) for v in rng.integers(228, 256, size=3))
+    background = (red, green, blue)
     text, text_box, size, taken = None, None, 0, []
     if rng.random() < 0.5:
         text = str(WORDS[rng.integers(len(WORDS))]) if rng.random() < 0.6 else str(int(rng.integers(0, 100)))
         size = int(rng.integers(*_TEXT_SIZES))
-        left, top, right, bottom = _font(size).getbbox(text, stroke_width=_TEXT_STROKE)
+        # pixel offsets: Pillow's layout answers ints (its annotation says float)
+        left, top, right, bottom = (int(v) for v in _font(size).getbbox(text, stroke_width=_TEXT_STROKE))
         width, height = right - left, bottom - top
         x, y = int(rng.integers(4, CANVAS - width - 4)), int(rng.integers(4, CANVAS - height - 4))
         text_box = (x, y, x + width, y + height)
         taken.append(text_box)
-    objects = []
+    objects: list[ShapeObject] = []
     for _ in range(int(rng.integers(1, 4))):
         for _attempt in range(50):
             side = int(rng.integers(_MIN_SIDE, _MAX_SIDE + 1))
@@ -131,6 +133,8 @@ def render(scene_: Scene) -> Image.Image:
     for obj in scene_.objects:
         _draw_shape(draw, obj.shape, obj.box, COLORS[obj.color])
     if scene_.text is not None:
+        if scene_.text_box is None:
+            raise ValueError("a scene with text needs its text_box")
         font = _font(scene_.text_size)
         left, top, _, _ = font.getbbox(scene_.text, stroke_width=_TEXT_STROKE)
         draw.text((scene_.text_box[0] - left, scene_.text_box[1] - top), scene_.text, fill=(30, 30, 30), font=font,

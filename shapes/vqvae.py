@@ -136,5 +136,6 @@ def save_npz(model: VQVAE, path: str | Path) -> Path:
     arrays = {f"decoder.{name}": value.detach().numpy() for name, value in model.decoder.state_dict().items()}
     arrays[CODEBOOK] = model.codebook.detach().numpy()
     path = Path(path)
-    np.savez(path, **{k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()})
+    # mypy matches a **dict against every keyword of numpy's savez stub, allow_pickle: bool included
+    np.savez(path, **{k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()})  # type: ignore[arg-type]
     return path

@@ -19,6 +19,7 @@ with the normal CLI; export.tiny supplies only the config and tokenizer building
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 
@@ -124,7 +125,16 @@ def save_outlier_checkpoint(output_dir: str | Path, family: int = 2, outliers: b
     return output_dir
 
 
-def residual_maxima(checkpoint: str | Path, image, prompt: str = "caption en") -> dict[str, object]:
+class ResidualMaxima(TypedDict):
+    max_abs_per_layer: list[float]  # one per layer boundary (the embeddings first)
+    position: int  # where the largest |value| at the last layer's input sits
+    channel: int
+    token: int  # the input token at that position
+    bos: int | list[int]
+    max_square: float  # the largest x^2 over every boundary
+
+
+def residual_maxima(checkpoint: str | Path, image, prompt: str = "caption en") -> ResidualMaxima:
     """transformers' fp32 model on one input: max |residual| per layer output and where it sits, and the
     largest RMSNorm x^2 (what overflows fp16 above 65504)."""
     import torch

@@ -6,7 +6,8 @@ host and device) can be checked without one: this module plays TensorRT's part t
 documents it and the CUDA runtime's part with host memory.
 
 - :class:`EmulatedCuda` replaces ``runtime.cuda.Cuda``: allocations are host byte arrays at made-up
-  addresses; every allocation and copy is counted.
+  addresses; every allocation and copy is counted, and whether the backend closed it (freed every
+  buffer and destroyed the stream).
 - :class:`EmulatedTensorRT` replaces the ``tensorrt`` module. ``deserialize_cuda_engine`` accepts
   only the engine files a bundle's manifest records (built for real by TensorRT for RTX) and runs
   each with ONNX Runtime on its source graph. An execution context holds its profile, the input
@@ -15,6 +16,10 @@ documents it and the CUDA runtime's part with host memory.
   inputs at their addresses with the declared shapes, writes the outputs at theirs, and fails on an
   input without a shape or address, on a tensor that does not fit the allocation it points into,
   or on an output that overlaps an input or another output (on a GPU, silent corruption).
+
+:class:`Faults` makes the emulated GPU misbehave on purpose (memory handed out twice, a profile
+selection that does not take, memory that runs out), to show the emulation catches what follows and
+the backend cleans up after a load that fails half-way.
 
 Not modelled: the numbers are ONNX Runtime's, not TensorRT's (only the GPU tests measure engine
 numerics); copies and execution are synchronous, so a missing stream synchronization cannot show;
@@ -26,11 +31,13 @@ network TensorRT parsed).
 from __future__ import annotations
 
 import bisect
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from paligemma_edge.runtime.backends.cuda import CudaError
 from paligemma_edge.runtime.bundle.manifest import EngineSpec, read_manifest
 
 
@@ -38,26 +45,48 @@ class EmulationError(AssertionError):
     """The backend did something a real GPU run would go wrong on."""
 
 
+@dataclass
+class Faults:
+    """Misbehaviour to emulate; all off by default. Set them before the backend loads."""
+
+    reused_sizes: bool = False  # cudaMalloc hands a request of a size it served before that same block again
+    profiles_ignored: bool = False  # set_optimization_profile_async succeeds and leaves the context on profile 0
+    mallocs_before_oom: int | None = None  # cudaMalloc fails (out of memory) after this many allocations
+
+
 class EmulatedCuda:
     """Device memory as host byte arrays; counts allocations and the bytes copied each way."""
 
     stream_handle = 1
 
-    def __init__(self):
+    def __init__(self, faults: Faults | None = None):
+        self.faults = faults or Faults()
         self._starts: list[int] = []
         self._memory: dict[int, np.ndarray] = {}
+        self._by_size: dict[int, int] = {}
         self._next = 1 << 20
         self.mallocs = 0
+        self.closed = False  # every buffer freed and the stream destroyed
         self.uploads: list[tuple[int, int]] = []  # (address, bytes)
         self.downloads: list[tuple[int, int]] = []
 
     def malloc(self, nbytes: int) -> int:
+        if self.faults.mallocs_before_oom is not None and self.mallocs >= self.faults.mallocs_before_oom:
+            raise CudaError(f"cudaMalloc({nbytes} bytes) failed: cudaErrorMemoryAllocation")
+        if self.faults.reused_sizes and nbytes in self._by_size:
+            self.mallocs += 1
+            return self._by_size[nbytes]
         address = self._next
         self._memory[address] = np.zeros(max(1, nbytes), np.uint8)
         bisect.insort(self._starts, address)
+        self._by_size.setdefault(nbytes, address)
         self._next += max(1, nbytes) + 4096
         self.mallocs += 1
         return address
+
+    def allocations(self) -> dict[int, int]:
+        """Address -> bytes of every allocation not freed."""
+        return {address: block.nbytes for address, block in self._memory.items()}
 
     def allocation(self, address: int) -> int:
         """The start of the allocation that holds ``address``."""
@@ -91,6 +120,8 @@ class EmulatedCuda:
     def close(self) -> None:
         self._memory.clear()
         self._starts.clear()
+        self._by_size.clear()
+        self.closed = True
 
 
 class _Severity:
@@ -114,7 +145,8 @@ class _Context:
     def set_optimization_profile_async(self, index: int, stream: int) -> bool:
         if not 0 <= index < len(self.engine.profiles):
             return False
-        self.profile, self.shapes = index, {}
+        if not self.engine.cuda.faults.profiles_ignored:
+            self.profile, self.shapes = index, {}
         return True
 
     def set_input_shape(self, name: str, shape) -> bool:
@@ -194,6 +226,7 @@ class EmulatedTensorRT:
 
     def __init__(self, bundle: Path, version: str):
         self.__version__ = version
+        self.faults = Faults()
         self.device: EmulatedCuda | None = None
         manifest = read_manifest(bundle)
         self._engines: dict[bytes, tuple[Path, EngineSpec]] = {}
@@ -202,7 +235,7 @@ class EmulatedTensorRT:
                 self._engines[(bundle / spec.file).read_bytes()] = (bundle / graph.file, spec)
 
     def Cuda(self) -> EmulatedCuda:  # noqa: N802 (the class it replaces)
-        self.device = EmulatedCuda()
+        self.device = EmulatedCuda(self.faults)
         return self.device
 
     @staticmethod
@@ -218,6 +251,8 @@ class EmulatedTensorRT:
                     logger.log(_Severity.ERROR, "deserializeCudaEngine: not an engine of this bundle")
                     return None
                 graph, spec = engines[data]
+                if emulated.device is None:
+                    raise EmulationError("an engine was deserialized before any CUDA memory was set up")
                 return _EmulatedEngine(graph, spec, logger, emulated.device)
 
         return _Runtime()

@@ -4,6 +4,7 @@ the output-path rules, and sources that fail. Runs the real loop and the real CL
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -57,7 +58,13 @@ def run_files(model, paths, tmp_path, **options):
     out = str(tmp_path / "r-{index}.jsonl")
     camera = CameraOptions(sources=tuple(map(str, paths)), prompt="caption en", out=out, generation=TOKENS, **options)
     run = run_on_sources(model, open_sources(camera.sources), camera)
-    return run, [read_lines(Path(camera.out_path(i))) for i in range(len(paths))]
+    return run, [read_lines(out_file(camera, i)) for i in range(len(paths))]
+
+
+def out_file(options: CameraOptions, index: int) -> Path:
+    path = options.out_path(index)
+    assert path is not None, "the options name an --out"
+    return Path(path)
 
 
 def answers(lines: list[dict]) -> list[tuple[int, list[int]]]:
@@ -183,10 +190,10 @@ def test_live_sources_wake_the_loop_through_one_event():
 
 def test_output_paths_need_a_placeholder_with_several_sources(tmp_path):
     two = ("front.mp4", "rtsp://admin:hunter2@10.0.0.5:554/stream1")
-    for flag, values in [("--out", {"out": str(tmp_path / "r.jsonl")}),
-                         ("--annotate", {"annotate": str(tmp_path / "a.mp4")})]:
+    for flag, out, annotate in [("--out", str(tmp_path / "r.jsonl"), None),
+                                ("--annotate", None, str(tmp_path / "a.mp4"))]:
         with pytest.raises(InputError, match=f"^{flag} .*with 2 sources it needs {{index}} or {{name}}"):
-            CameraOptions(sources=two, prompt="caption en", **values)
+            CameraOptions(sources=two, prompt="caption en", out=out, annotate=annotate)
     options = CameraOptions(sources=two, prompt="caption en", out=str(tmp_path / "r-{name}.jsonl"),
                             annotate=str(tmp_path / "{index}-{name}.mp4"))
     assert options.out_path(0) == str(tmp_path / "r-front.jsonl")
@@ -196,7 +203,8 @@ def test_output_paths_need_a_placeholder_with_several_sources(tmp_path):
     one = CameraOptions(sources=("0",), prompt="caption en", out=str(tmp_path / "r{x}.jsonl"),
                         annotate=str(tmp_path / "a-{name}.mp4"))
     assert one.out_path(0) == str(tmp_path / "r{x}.jsonl") and one.annotate_path(0) == str(tmp_path / "a-video0.mp4")
-    assert CameraOptions(sources=["0"], prompt="caption en").sources == ("0",)
+    a_list: Any = ["0"]  # not the declared tuple: taken, and stored as one
+    assert CameraOptions(sources=a_list, prompt="caption en").sources == ("0",)
 
 
 def test_output_paths_that_collide_are_refused(tmp_path):
@@ -217,8 +225,9 @@ def test_output_paths_that_collide_are_refused(tmp_path):
 
 
 def test_bad_source_lists_and_batch_sizes_are_refused():
+    one_string: Any = "clip.mp4"  # a str is a sequence of strings too: refused at run time
     with pytest.raises(InputError, match="tuple of --source strings"):
-        CameraOptions(sources="clip.mp4", prompt="caption en")
+        CameraOptions(sources=one_string, prompt="caption en")
     for sources in [(), ("0", " ")]:
         with pytest.raises(InputError, match="give a --source"):
             CameraOptions(sources=sources, prompt="caption en")

@@ -120,7 +120,7 @@ def test_caption_exact_and_chrf():
     assert metrics.chrf(["xyz"], ["abc"]) == pytest.approx(0.0)
     close = metrics.chrf(["a red square on the left"], ["a red square on the right"])
     far = metrics.chrf(["two blue circles"], ["a red square on the right"])
-    assert 0 < far < close < 100
+    assert far is not None and close is not None and 0 < far < close < 100
     assert metrics.chrf([], []) is None
 
 

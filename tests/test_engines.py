@@ -14,7 +14,7 @@ from paligemma_edge import BundleError, InputError
 from paligemma_edge.runtime.bundle.writer import write_manifest
 from paligemma_edge.runtime.engines.build import EngineOptions
 from paligemma_edge.runtime.engines.common import select_engines
-from paligemma_edge.runtime.bundle.manifest import read_manifest
+from paligemma_edge.runtime.bundle.manifest import EngineSet, EngineSpec, read_manifest
 
 from .conftest import model_id, run_cli
 
@@ -99,7 +99,10 @@ def test_engines_for_another_device_are_refused(bundles):
     manifest = read_manifest(bundles[(1, 28)])
     with pytest.raises(BundleError, match="build-engines"):
         select_engines(manifest, "tensorrt-10.3.0-orin-sm87")
-    other = dataclasses.replace(manifest, engines={"tensorrt-10.13-h100-sm90": None})
+    spec = EngineSpec(file="vision.engine", graph="vision.onnx", inputs=(), outputs=(), profiles={})
+    built_elsewhere = EngineSet(flavour="tensorrt", tensorrt_version="10.13", device="tensorrt-10.13-h100-sm90",
+                                max_batch=1, max_seq_len=64, vision=spec, decoder=spec, build_seconds=1.0)
+    other = dataclasses.replace(manifest, engines={"tensorrt-10.13-h100-sm90": built_elsewhere})
     with pytest.raises(BundleError, match="built: tensorrt-10.13-h100-sm90"):
         select_engines(other, "tensorrt-10.3.0-orin-sm87")
 

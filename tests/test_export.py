@@ -13,6 +13,7 @@ from paligemma_edge import GenerationOptions
 from paligemma_edge.export import onnx_graphs
 from paligemma_edge.export.bundle import ExportOptions, export_bundle
 from paligemma_edge.runtime.bundle.manifest import read_manifest
+from paligemma_edge.runtime.generation.results import Generation
 
 from .conftest import run_cli
 
@@ -36,11 +37,13 @@ def test_interrupted_export_leaves_no_bundle(checkpoints, tmp_path):
         [sys.executable, "-m", "paligemma_edge", "export", str(checkpoints[(2, 28)]), "-o", str(output)],
         stderr=subprocess.PIPE, text=True,
     )
-    for line in process.stderr:
+    stderr = process.stderr
+    assert stderr is not None  # stderr=PIPE
+    for line in stderr:
         if "exporting decoder graph" in line:
             process.send_signal(signal.SIGINT)
             break
-    rest = process.stderr.read()
+    rest = stderr.read()
     assert process.wait(timeout=120) == 130, rest
     assert "interrupted" in rest
     assert not output.exists() and leftovers(tmp_path) == []
@@ -68,8 +71,10 @@ def test_large_graphs_use_external_data(checkpoints, bundles, images, tmp_path, 
         assert graph.external_data[0] in manifest.files and (output / graph.external_data[0]).is_file()
     options = GenerationOptions(max_new_tokens=8)
     with paligemma_edge.load(output) as external, paligemma_edge.load(bundles[(2, 28)]) as inline:
-        assert external.generate(images[0], "caption en", options).token_ids == \
-            inline.generate(images[0], "caption en", options).token_ids
+        from_external = external.generate(images[0], "caption en", options)
+        from_inline = inline.generate(images[0], "caption en", options)
+        assert isinstance(from_external, Generation) and isinstance(from_inline, Generation)
+        assert from_external.token_ids == from_inline.token_ids
 
 
 @pytest.mark.parametrize("value", ["0", "5"])

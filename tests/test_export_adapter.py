@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from paligemma_edge.runtime.errors import InputError
-from paligemma_edge.runtime.bundle.manifest import MANIFEST_NAME, SCHEMA_VERSION, read_manifest, sha256_file
+from paligemma_edge.runtime.bundle.manifest import (
+    MANIFEST_NAME, SCHEMA_VERSION, AdapterRecord, read_manifest, sha256_file,
+)
 
 from .conftest import MAX_SEQ_LEN, Reference, model_id, run_cli
 
@@ -47,7 +49,7 @@ def make_adapter(checkpoint: Path, output: Path, targets: list[str] = TARGETS, s
         for name, parameter in peft_model.named_parameters():
             if "lora_B" in name:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
-    peft_model.save_pretrained(output)
+    peft_model.save_pretrained(str(output))
     return output
 
 
@@ -102,18 +104,24 @@ def test_merged_checkpoint_exports_to_the_same_tokens(adapters, adapter_bundles,
     assert tokens_of_cli(bundle, images[1]) == tokens_of_cli(adapter_bundles[model], images[1])
 
 
+def recorded_adapter(bundle: Path) -> AdapterRecord:
+    record = read_manifest(bundle).adapter
+    assert record is not None, f"{bundle}: the manifest records no adapter"
+    return record
+
+
 def test_manifest_records_adapter_and_base(adapters, adapter_bundles, checkpoints):
     model = (1, 28)
     manifest = read_manifest(adapter_bundles[model])
-    record, adapter, base = manifest.adapter, adapters[model], checkpoints[model]
+    record, adapter, base = recorded_adapter(adapter_bundles[model]), adapters[model], checkpoints[model]
     assert manifest.schema_version == SCHEMA_VERSION == 3
     assert (record.name, record.peft_type, record.rank, record.alpha) == (adapter.name, "LORA", 4, 8.0)
     assert record.target_modules == tuple(sorted(TARGETS))
     assert record.weights_file == "adapter_model.safetensors"
     assert record.sha256 == sha256_file(adapter / "adapter_model.safetensors")
     assert record.base.source == str(base) and record.base.revision is None
-    assert record.base.weights_sha256 == read_manifest(adapter_bundles[(1, 28)]).adapter.base.weights_sha256
-    assert record.base.weights_sha256 != read_manifest(adapter_bundles[(2, 28)]).adapter.base.weights_sha256
+    assert record.base.weights_sha256 == recorded_adapter(adapter_bundles[(1, 28)]).base.weights_sha256
+    assert record.base.weights_sha256 != recorded_adapter(adapter_bundles[(2, 28)]).base.weights_sha256
     assert manifest.validation["passed"] and "peft" in manifest.validation["reference"]
     assert "peft" in manifest.versions
     summary = run_cli("inspect", str(adapter_bundles[model]), check=True).stdout

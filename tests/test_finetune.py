@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from paligemma_edge.finetune.run import checkpoint_path, finetune
 from paligemma_edge.runtime.errors import InputError
 
 WORDS = ["cat", "dog", "car", "person"]
-FAST = dict(batch_size=4, lr=1e-2, log_every=5, eval_lines=2, eval_max_new_tokens=4)
+FAST = FinetuneOptions(batch_size=4, lr=1e-2, log_every=5, eval_lines=2, eval_max_new_tokens=4)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,7 @@ def dataset(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def adapter(base, dataset, tmp_path_factory) -> tuple[Path, object]:
     out = tmp_path_factory.mktemp("runs") / "adapter"
-    return out, finetune(base, dataset, out, FinetuneOptions(steps=20, **FAST))
+    return out, finetune(base, dataset, out, replace(FAST, steps=20))
 
 
 def test_processor_labels_are_the_suffix_and_eos_only(base):
@@ -150,7 +151,7 @@ def test_merge_writes_a_checkpoint_that_answers_as_the_adapter(base, dataset, ad
     from paligemma_edge.finetune.validation import greedy_answer
 
     merged = tmp_path / "merged"
-    result = finetune(base, dataset, merged, FinetuneOptions(steps=20, merge=True, **FAST))
+    result = finetune(base, dataset, merged, replace(FAST, steps=20, merge=True))
     assert result.kind == "merged" and (merged / "config.json").is_file() and not (merged / "adapter_config.json").exists()
     assert result.final_loss == pytest.approx(adapter[1].final_loss, rel=1e-5)  # same seeds, same run
     collate = Collator(AutoProcessor.from_pretrained(merged, backend="pil"))
@@ -168,7 +169,7 @@ class _Interrupt(Exception):
 
 
 def test_resume_continues_the_same_run(base, dataset, tmp_path):
-    options = FinetuneOptions(steps=8, save_every=4, eval_every=0, **{**FAST, "log_every": 1})
+    options = replace(FAST, steps=8, save_every=4, eval_every=0, log_every=1)
     whole = finetune(base, f"{dataset}:train", tmp_path / "whole", options)
 
     out = tmp_path / "resumed"
@@ -207,7 +208,7 @@ def test_full_trains_every_decoder_weight_without_peft(base, dataset, tmp_path):
     from safetensors.torch import load_file
 
     out = tmp_path / "full"
-    result = finetune(base, f"{dataset}:train", out, FinetuneOptions(steps=10, full=True, **FAST))
+    result = finetune(base, f"{dataset}:train", out, replace(FAST, steps=10, full=True))
     assert result.kind == "full" and not (out / "adapter_config.json").exists()
     assert result.final_loss < 0.3 * result.first_loss
     before, after = load_file(base / "model.safetensors"), load_file(out / "model.safetensors")

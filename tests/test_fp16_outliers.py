@@ -17,7 +17,7 @@ import paligemma_edge
 from paligemma_edge.quantize.bundle import QuantizeOptions, quantize_bundle
 from paligemma_edge.quantize.calibration import DECODE_STEPS, DEFAULT_PROMPTS
 from paligemma_edge.quantize.compare import _DeltaStats, _teacher_forced
-from paligemma_edge.quantize.reference import load_reference
+from paligemma_edge.quantize.reference import ReferenceBackend, load_reference, run_graph
 from paligemma_edge.runtime.bundle.manifest import read_manifest
 from paligemma_edge.runtime.generation.sampling import GenerationOptions
 
@@ -72,7 +72,9 @@ def faithful_agreement(reference, candidate, pictures):
                 options = GenerationOptions(max_new_tokens=STEPS)
                 same.append(ref.generate_batch([picture], [prompt], options)[0].token_ids
                             == cand.generate_batch([picture], [prompt], options)[0].token_ids)
-        finite = all(all(call.values()) for call in cand.backend.outputs_seen)
+        backend = cand.backend
+        assert isinstance(backend, ReferenceBackend)
+        finite = all(all(call.values()) for call in backend.outputs_seen)
     return hits / total, all(same), finite
 
 
@@ -209,9 +211,9 @@ def test_reference_matmulnbits_computes_what_onnxruntime_does(bits, K, zero_poin
     expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"A": a})[0]
     from onnx.reference import ReferenceEvaluator
 
-    (got,) = ReferenceEvaluator(model, new_ops=CUSTOM_OPS).run(None, {"A": a})
+    (got,) = run_graph(ReferenceEvaluator(model, new_ops=CUSTOM_OPS), {"A": a})
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
-    (half,) = ReferenceEvaluator(_as_fp16(model), new_ops=CUSTOM_OPS).run(None, {"A": a.astype(np.float16)})
+    (half,) = run_graph(ReferenceEvaluator(_as_fp16(model), new_ops=CUSTOM_OPS), {"A": a.astype(np.float16)})
     assert half.dtype == np.float16  # fp16 in, fp16 out, as the GPU kernels
     np.testing.assert_allclose(half.astype(np.float32), expected, rtol=2e-2, atol=2e-2)
 
@@ -249,7 +251,7 @@ def test_reference_dynamic_quantize_matmul_computes_what_onnxruntime_does():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
     a = rng.standard_normal((4, 32)).astype(np.float32) * 3
     expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"A": a})[0]
-    (got,) = ReferenceEvaluator(model, new_ops=CUSTOM_OPS).run(None, {"A": a})
+    (got,) = run_graph(ReferenceEvaluator(model, new_ops=CUSTOM_OPS), {"A": a})
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3)
 
 
@@ -277,8 +279,8 @@ def test_fp32_nodes_hand_each_other_fp32_tensors():
     blocked = ["square", "mean"]
     plain = convert_float_to_float16(model, keep_io_types=["x", "y"], node_block_list=blocked)
     with np.errstate(over="ignore"):
-        assert not np.isfinite(ReferenceEvaluator(sorted_topologically(plain)).run(None, {"x": x})[0]).all()
+        assert not np.isfinite(run_graph(ReferenceEvaluator(sorted_topologically(plain)), {"x": x})[0]).all()
     converted = fp16.convert(model, keep_io=["x", "y"], node_block_list=blocked)
-    (y,) = ReferenceEvaluator(sorted_topologically(converted)).run(None, {"x": x})
+    (y,) = run_graph(ReferenceEvaluator(sorted_topologically(converted)), {"x": x})
     assert y.dtype == np.float32 and np.allclose(y, 1e6)
     assert [n.op_type for n in converted.graph.node if n.op_type == "Cast"] == ["Cast"] * 2  # x in, big out

@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import sys
 import time
-import tomllib
 import zipfile
 from pathlib import Path
 
@@ -32,8 +31,14 @@ MODEL = (2, 28)
 PIP_OFFLINE = ("No matching distribution found", "Could not find a version that satisfies")
 
 
+def _pyproject(root: Path) -> dict:
+    """pyproject.toml, read with tomllib (Python 3.11+; on 3.10 the test that needs it is skipped)."""
+    tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11's tomllib")
+    return tomllib.loads((root / "pyproject.toml").read_text())
+
+
 def _setuptools_config(root: Path) -> dict:
-    return tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    return _pyproject(root)["tool"]["setuptools"]
 
 
 def source_packages(root: Path) -> dict[str, Path]:
@@ -164,14 +169,22 @@ def _modules_of(distribution: str, provided: dict[str, set[str]]) -> set[str]:
     if own:
         return own
     requires = importlib.metadata.requires(distribution) or []
-    return set().union(*(provided.get(re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9._-]+", r)[0]).lower(), set())
+    return set().union(*(provided.get(re.sub(r"[-_.]+", "-", _distribution_name(r)).lower(), set())
                          for r in requires if "extra ==" not in r))
+
+
+def _distribution_name(requirement: str) -> str:
+    """The distribution a requirement line names ('numpy>=1.24' -> 'numpy')."""
+    found = re.match(r"[A-Za-z0-9._-]+", requirement)
+    if found is None:
+        raise AssertionError(f"no distribution name in the requirement {requirement!r}")
+    return found[0]
 
 
 def test_the_extras_table_matches_pyproject():
     """Every extra a command can need is in pyproject, and the modules the CLI checks for it are the ones
     its packages install (read from this environment, where make install put every extra)."""
-    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    extras = _pyproject(ROOT)["project"]["optional-dependencies"]
     developer_extras = {"test", "lint"}  # no command needs them
     assert set(extras) - developer_extras == set(EXTRA_MODULES)
     provided: dict[str, set[str]] = {}
@@ -184,7 +197,7 @@ def test_the_extras_table_matches_pyproject():
             continue
         modules = set()
         for requirement in requirements:
-            distribution = re.match(r"[A-Za-z0-9._-]+", requirement)[0]
+            distribution = _distribution_name(requirement)
             try:
                 importlib.metadata.distribution(distribution)
             except importlib.metadata.PackageNotFoundError:
@@ -200,6 +213,7 @@ def test_the_extras_table_matches_pyproject():
 def test_every_command_is_either_base_or_declares_its_extra():
     parser = build_parser()
     (commands,) = [a for a in parser._actions if a.dest == "command"]
+    assert commands.choices is not None, "the subcommands action lists its choices"
     base = {"run", "verify", "inspect", "pack", "compare", "eval", "build-engines", "dataset", "triton-repo"}
     assert set(commands.choices) == base | set(COMMAND_NEEDS), set(commands.choices) ^ (base | set(COMMAND_NEEDS))
 

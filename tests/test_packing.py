@@ -167,12 +167,14 @@ def test_verify_checks_member_order_and_the_checksum_list(bundles, archive, tmp_
         members = source.getmembers()
         for member in members[2:] + members[:1]:  # manifest last
             target.addfile(member, source.extractfile(member))
-        sums = source.extractfile(members[1]).read().decode()
+        sums_file = source.extractfile(members[1])
+        assert sums_file is not None, members[1].name
+        sums = sums_file.read().decode()
         line = next(line for line in sums.splitlines() if line.endswith("  vision.onnx"))
-        sums = sums.replace(line, "0" * 64 + "  vision.onnx").encode()
+        tampered = sums.replace(line, "0" * 64 + "  vision.onnx").encode()
         info = tarfile.TarInfo(f"{root}/{SUMS_NAME}")
-        info.size = len(sums)
-        target.addfile(info, io.BytesIO(sums))
+        info.size = len(tampered)
+        target.addfile(info, io.BytesIO(tampered))
     problems = verify_target(shuffled, dry_load=False).problems
     assert problems == [f"first member is '{root}/decoder.onnx', not '{root}/{MANIFEST_NAME}'",
                         f"vision.onnx: sha256 does not match {SUMS_NAME}"]
@@ -210,7 +212,9 @@ def test_engines_are_left_out_by_default_and_kept_on_request(engine_bundle, tmp_
         result = run_cli("pack", str(engine_bundle), "-o", str(out), *flag, check=True)
         with tarfile.open(out) as tar:
             names = {Path(n).name for n in tar.getnames()}
-            packed_bytes = tar.extractfile(f"{engine_bundle.name}/{MANIFEST_NAME}").read()
+            manifest_file = tar.extractfile(f"{engine_bundle.name}/{MANIFEST_NAME}")
+            assert manifest_file is not None
+            packed_bytes = manifest_file.read()
         packed = json.loads(packed_bytes)
         if flag:
             assert engine_files <= names and list(packed["engines"]) == [ENGINE_TAG] and packed_bytes == original

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from typing import Mapping
 
 import numpy as np
 import pytest
 
 import paligemma_edge
 from paligemma_edge import GenerationOptions
+from paligemma_edge.runtime.backends.base import SessionHooks
+from paligemma_edge.runtime.backends.onnxruntime import OnnxRuntimeBackend
+from paligemma_edge.runtime.generation.results import Generation
 
 from .conftest import MODELS, model_id, run_cli
 
@@ -19,14 +23,16 @@ NEW_TOKENS = 12
 PROMPTS = ["caption en", "answer en what is the quick brown fox doing on the table today", "ocr"]
 
 
-def with_eos(tokens: tuple[int, ...], finish_reason: str, eos: int | None) -> list[int]:
-    return list(tokens) + ([eos] if finish_reason == "eos" else [])
+def text_generation(result: object) -> Generation:
+    """generate()'s result for a text prompt, which is a plain Generation."""
+    assert isinstance(result, Generation), type(result)
+    return result
 
 
 @pytest.mark.parametrize("model", MODELS, ids=model_id)
 def test_batch_of_one_matches_transformers(model, bundles, references, images):
     with paligemma_edge.load(bundles[model]) as runtime:
-        result = runtime.generate(images[0], PROMPTS[1], GenerationOptions(max_new_tokens=NEW_TOKENS))
+        result = text_generation(runtime.generate(images[0], PROMPTS[1], GenerationOptions(max_new_tokens=NEW_TOKENS)))
     expected = references[model].generate([images[0]], [PROMPTS[1]], NEW_TOKENS)[0]
     assert list(result.token_ids) == expected
     assert result.finish_reason == "length"
@@ -103,8 +109,8 @@ def test_cli_pairs_images_with_prompts(bundles, images):
 def test_stream_yields_the_generated_tokens(bundles, images):
     with paligemma_edge.load(bundles[(1, 42)]) as runtime:
         options = GenerationOptions(max_new_tokens=NEW_TOKENS)
-        chunks = list(runtime.generate(images[2], PROMPTS[0], options, stream=True))
-        result = runtime.generate(images[2], PROMPTS[0], options)
+        chunks = list(runtime.stream(images[2], PROMPTS[0], options))
+        result = text_generation(runtime.generate(images[2], PROMPTS[0], options))
     assert [c.token_id for c in chunks] == list(result.token_ids)
     assert "".join(c.text for c in chunks) == result.text
 
@@ -112,7 +118,7 @@ def test_stream_yields_the_generated_tokens(bundles, images):
 def test_generation_stops_at_the_bundles_max_sequence(bundles, images):
     with paligemma_edge.load(bundles[(1, 28)]) as runtime:
         prompt_len = len(runtime.tokenizer.encode(PROMPTS[0]))
-        result = runtime.generate(images[0], PROMPTS[0], GenerationOptions(max_new_tokens=500))
+        result = text_generation(runtime.generate(images[0], PROMPTS[0], GenerationOptions(max_new_tokens=500)))
     assert result.finish_reason == "max_seq_len"
     assert prompt_len + len(result.token_ids) == runtime.manifest.decoder.max_seq_len
 
@@ -121,7 +127,7 @@ def test_sampling_is_seeded(bundles, images):
     with paligemma_edge.load(bundles[(2, 28)]) as runtime:
         def sample(seed):
             options = GenerationOptions(max_new_tokens=10, temperature=1.5, top_k=50, top_p=0.95, seed=seed)
-            return runtime.generate(images[0], PROMPTS[0], options).token_ids
+            return text_generation(runtime.generate(images[0], PROMPTS[0], options)).token_ids
 
         assert sample(1) == sample(1)
         assert len({sample(seed) for seed in range(5)}) > 1
@@ -143,34 +149,28 @@ def test_runtime_imports_no_torch(bundles, images):
 
 
 def test_decode_step_feeds_ort_values_back_without_copies(bundles):
-    """The cache that goes in on step n+1 is the very buffer ONNX Runtime returned on step n."""
+    """The cache that goes in on step n+1 is the very buffer ONNX Runtime returned on step n, and the
+    table goes in as the memory-mapped array itself (the feed observer sees the buffers bound)."""
     from paligemma_edge.runtime.generation.loop import decode_step, prefill
 
-    with paligemma_edge.load(bundles[(2, 28)]) as runtime:
-        backend = runtime.backend
+    bundle = bundles[(2, 28)]
+    bound: dict[str, int] = {}
+
+    def observe(graph: str, feeds: Mapping[str, np.ndarray]) -> None:
+        if graph == "decoder":
+            bound.update({name: array.ctypes.data for name, array in feeds.items()})
+
+    with paligemma_edge.load(bundle) as runtime:
+        manifest = runtime.manifest
         batch = runtime.tokenizer.batch(["caption en"])
-        embeds = np.zeros((1, runtime.manifest.image.num_tokens, runtime.manifest.decoder.hidden_size), np.float32)
-        _, state = prefill(backend, runtime.manifest.decoder, batch, embeds)
+    with OnnxRuntimeBackend(bundle, manifest, hooks=SessionHooks(observer=observe)) as backend:
+        embeds = np.zeros((1, manifest.image.num_tokens, manifest.decoder.hidden_size), np.float32)
+        _, state = prefill(backend, manifest.decoder, batch, embeds)
         before = {name: value.data_ptr() for name, value in state.cache.values.items()}
-        bound = {}
-        original_binding = backend.decoder.io_binding
-
-        def recording_binding():
-            binding = original_binding()
-            bind = binding.bind_ortvalue_input
-
-            def record(name, value):
-                bound[name] = value.data_ptr()
-                bind(name, value)
-
-            binding.bind_ortvalue_input = record
-            return binding
-
-        backend.decoder.io_binding = recording_binding
-        decode_step(backend, runtime.manifest.decoder, state, np.array([5]))
-        assert {name: bound[name] for name in before} == before
+        bound.clear()
+        decode_step(backend, manifest.decoder, state, np.array([5]))
+        assert before and {name: bound[name] for name in before} == before
         assert bound["embedding"] == backend.embedding.ctypes.data
-        assert backend._constant_inputs["embedding"].data_ptr() == backend.embedding.ctypes.data
 
 
 def test_cli_streamed_text_equals_the_json_text(bundles, images):

@@ -146,7 +146,9 @@ def test_drawing_keeps_the_size_and_marks_boxes_and_masks():
     image = Image.new("RGB", (120, 80), (255, 255, 255))
     mask = np.zeros((80, 120), dtype=bool)
     mask[50:70, 60:100] = True
-    objects = [Detection("cat", (10.0, 20.0, 40.0, 45.0)), Segmentation("dog", (60.0, 50.0, 100.0, 70.0), mask)]
+    objects: list[Detection | Segmentation] = [
+        Detection("cat", (10.0, 20.0, 40.0, 45.0)), Segmentation("dog", (60.0, 50.0, 100.0, 70.0), mask),
+    ]
     drawn = np.asarray(draw_results(image, objects))
     assert drawn.shape == (80, 120, 3)
     assert tuple(drawn[30, 10]) != (255, 255, 255)  # on the cat's box outline

@@ -7,7 +7,9 @@ import pytest
 from PIL import Image
 
 import paligemma_edge
+from paligemma_edge.runtime.errors import InputError
 from paligemma_edge.runtime.generation.attention_masks import attention_mask, position_ids
+from paligemma_edge.runtime.generation.tasks import resolve_prompt
 from paligemma_edge.runtime.images import load_image
 from paligemma_edge.runtime.preprocess import preprocess
 
@@ -86,3 +88,15 @@ def test_decode_mask_is_causal_with_window():
     assert mask.tolist() == [False, False, False, False, True, True, True]
     mask = attention_mask(valid, prefix_len=3, q_start=6, q_len=1)[0, 0, 0]
     assert mask.tolist() == [False, True, True, True, True, True, True]
+
+
+def test_request_prompts_take_a_free_prompt_or_a_task_and_treat_blank_fields_as_absent():
+    assert resolve_prompt("  caption en ", None, None, None, None) == "caption en"
+    assert resolve_prompt(" ", " detect ", "", None, "cat ; dog") == "detect cat ; dog"
+    assert resolve_prompt(None, "answer", " de ", "what is it", "  ") == "answer de what is it"
+    assert resolve_prompt(None, "caption", None, "", None) == "caption en"
+    for fields, message in [(("x", "caption", None, None, None), "not both"),
+                            (("x", None, "en", None, None), "go with 'task'"),
+                            (("", " ", None, None, None), "give a 'prompt' or a 'task'")]:
+        with pytest.raises(InputError, match=message):
+            resolve_prompt(*fields)

@@ -21,7 +21,9 @@ from PIL import Image
 from paligemma_edge.runtime.generation.results import mask_to_rle, rle_to_mask
 
 pytest.importorskip("fastapi", reason="serve needs the 'apps' extra")
-httpx = pytest.importorskip("httpx", reason="the server tests use httpx as the client")
+pytest.importorskip("httpx", reason="the server tests use httpx as the client")
+
+import httpx  # noqa: E402
 
 CLIENTS = 16
 REQUESTS_PER_CLIENT = 4
@@ -51,6 +53,7 @@ class Server:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                assert self.process.stderr is not None  # stderr=PIPE
                 raise AssertionError(f"serve exited: {self.process.stderr.read()}")
             try:
                 with urllib.request.urlopen(self.url + "/healthz", timeout=1) as answer:

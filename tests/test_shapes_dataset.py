@@ -195,7 +195,12 @@ def test_the_walkthrough_table_checks_its_goals(tmp_path):
     write("star-int4", 0.86, 0.95, 0.97, 0.95)  # recall 0.04 below the merged fp32: missed
     table = walkthrough.table(tmp_path)
     assert "| star-int4 | 0.860 | 0.760 | 0.950 |" in table
-    met = dict(walkthrough.goals({n: walkthrough.figures(tmp_path, n) for n in ("base-fp32", "star-fp32", "star-int4")}))
+    found: dict[str, dict[str, float]] = {}
+    for name in ("base-fp32", "star-fp32", "star-int4"):
+        figures = walkthrough.figures(tmp_path, name)
+        assert figures is not None, name
+        found[name] = figures
+    met = dict(walkthrough.goals(found))
     assert met["star recall@0.5 >= 0.85 after fine-tuning (0.900)"]
     assert met["detect recall within 0.03 of the committed model (-0.026)"]
     assert not met["star-int4 within 0.03 of star-fp32 on every figure (worst -0.040)"]

@@ -80,7 +80,7 @@ def test_training_script_runs_end_to_end(tmp_path):
     import subprocess
     import sys
 
-    from transformers import PaliGemmaForConditionalGeneration
+    from transformers import PaliGemmaForConditionalGeneration, PreTrainedConfig
 
     out = tmp_path / "trained"
     result = subprocess.run([sys.executable, "-m", "paligemma_edge.shapes.train", str(out), "--steps", "2",
@@ -88,7 +88,8 @@ def test_training_script_runs_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "[3/3] saving" in result.stdout
     model = PaliGemmaForConditionalGeneration.from_pretrained(out)
-    assert model.config.vision_config.patch_size == 14 and (out / "vae-oid.npz").exists()
+    vision = model.config.vision_config
+    assert isinstance(vision, PreTrainedConfig) and vision.patch_size == 14 and (out / "vae-oid.npz").exists()
     assert set(json.loads((out / "training.json").read_text())["seg_codes"]) == set(scenes.SHAPES)
 
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 import paligemma_edge
 from paligemma_edge import (
-    DetectionResult, Generation, GenerationOptions, InputError, SegmentationResult,
+    DetectionResult, Generation, GenerationOptions, InputError, SegmentationResult, build_prompt,
 )
 from paligemma_edge.runtime.generation.results import rle_to_mask
 
@@ -18,6 +18,10 @@ from .conftest import run_cli
 from .test_parsing import loc, seg
 
 OPTIONS = GenerationOptions(max_new_tokens=6)
+
+
+def generation_of(result: Generation | DetectionResult | SegmentationResult) -> Generation:
+    return result.generation if isinstance(result, (DetectionResult, SegmentationResult)) else result
 
 
 @pytest.mark.parametrize("method, args, prompt", [
@@ -38,17 +42,57 @@ def test_task_methods_send_the_exact_prompt(method, args, prompt, bundles, image
         assert isinstance(result, DetectionResult) and isinstance(result.detections, tuple)
 
 
-@pytest.mark.parametrize("method, args", [
-    ("caption", ()), ("describe", ()), ("ocr", ()), ("answer", ("what is it",)), ("detect", (["cat"],)),
-    ("segment", (["cat"],)),
+@pytest.mark.parametrize("method, args, fields", [
+    ("caption", (), {}), ("describe", (), {}), ("ocr", (), {}), ("answer", ("what is it",), {"question": "what is it"}),
+    ("detect", (["cat"],), {"objects": ["cat"]}), ("segment", (["cat"],), {"objects": ["cat"]}),
 ])
-def test_every_task_streams_the_same_tokens(method, args, segment_bundle, images):
+def test_every_task_streams_the_same_tokens_and_result(method, args, fields, segment_bundle, images):
     with paligemma_edge.load(segment_bundle) as model:
-        chunks = list(getattr(model, method)(images[0], *args, options=OPTIONS, stream=True))
+        stream = model.stream(images[0], build_prompt(method, **fields), OPTIONS)
+        chunks = list(stream)
         result = getattr(model, method)(images[0], *args, options=OPTIONS)
-    generation = getattr(result, "generation", result)
+    generation = generation_of(result)
     assert tuple(c.token_id for c in chunks) == generation.token_ids
     assert "".join(c.text for c in chunks) == generation.text
+    streamed = stream.result  # the task method's result, parsed the same way for detect and segment
+    assert type(streamed) is type(result)
+    assert generation_of(streamed).token_ids == generation.token_ids
+    assert [o.label for o in getattr(streamed, "objects", ())] == [o.label for o in getattr(result, "objects", ())]
+
+
+def test_a_stream_is_lazy_and_stops_when_closed(bundles, images):
+    options = GenerationOptions(max_new_tokens=8, ignore_eos=True)
+    with paligemma_edge.load(bundles[(2, 28)]) as model:
+        calls: list[int] = []
+        step = model.backend.step
+
+        def counted(*args):
+            calls.append(1)
+            return step(*args)
+
+        setattr(model.backend, "step", counted)  # a spy on the real backend: count decoder calls
+        stream = model.stream(images[0], "caption en", options)
+        assert calls == []  # nothing generated before the first chunk is asked for
+        with pytest.raises(RuntimeError, match="read it to its end"):
+            stream.result
+        first = next(stream)
+        stream.close()
+        assert len(calls) == 1  # the prefill that chose the first token, no decode step after
+        assert list(stream) == []
+        with pytest.raises(RuntimeError, match="closed before its end"):
+            stream.result
+        whole = model.stream(images[0], "caption en", options)
+        chunks = list(whole)
+        result = whole.result
+        assert result == whole.drain()  # already at its end: the same result again
+    assert isinstance(result, Generation) and len(chunks) == 8 == len(result.token_ids)
+    assert chunks[0] == first and result.token_ids[0] == first.token_id
+
+
+def test_stream_checks_its_prompt_before_generating(bundles, images):
+    with paligemma_edge.load(bundles[(2, 28)]) as model:
+        with pytest.raises(InputError, match="--mask-decoder"):
+            model.stream(images[0], "segment cat")
 
 
 def test_bad_task_arguments_fail_before_any_work(bundles, images):
@@ -71,11 +115,12 @@ def test_segment_results_carry_full_size_masks(segment_bundle, images):
     picture = Image.open(images[1])
     with paligemma_edge.load(segment_bundle) as model:
         result = model.segment(picture, ["cat"], options=OPTIONS)
-        assert isinstance(result, SegmentationResult)
+        assert isinstance(result, SegmentationResult)  # the task's own result type, statically too
         answer = f"{loc(0, 0, 1023, 1023)}{seg(*range(16))} cat ; {loc(1, 2, 3)} broken"
-        parsed = model.structure(result.generation.__class__(
+        parsed = model.structure(Generation(
             prompt="segment cat", text=answer, token_ids=(), finish_reason="eos", timings=result.generation.timings,
         ), *picture.size)
+    assert isinstance(parsed, SegmentationResult)
     assert [s.label for s in parsed.segmentations] == ["cat"]
     assert parsed.segmentations[0].mask.shape == (picture.height, picture.width)
     assert parsed.segmentations[0].box == (0.0, 0.0, float(picture.width), float(picture.height))
@@ -83,9 +128,14 @@ def test_segment_results_carry_full_size_masks(segment_bundle, images):
 
 def test_vision_graph_runs_once_for_three_prompts_on_one_image(bundles, images):
     with paligemma_edge.load(bundles[(1, 28)]) as model:
-        calls = []
+        calls: list[int] = []
         encode = model.backend.encode_images
-        model.backend.encode_images = lambda pixels: calls.append(len(pixels)) or encode(pixels)
+
+        def counted(pixels: np.ndarray) -> np.ndarray:
+            calls.append(len(pixels))
+            return encode(pixels)
+
+        setattr(model.backend, "encode_images", counted)  # a spy on the real backend: count vision calls
         first = model.caption(images[0], options=OPTIONS)
         model.answer(images[0], "what is this", options=OPTIONS)
         model.detect(Image.open(images[0]), ["cat"], options=OPTIONS)  # same pixels, another object

@@ -24,13 +24,15 @@ from PIL import Image
 import paligemma_edge
 from paligemma_edge import cli
 from paligemma_edge.runtime.backends import tensorrt as trt_backend
+from paligemma_edge.runtime.backends.base import create_backend
+from paligemma_edge.runtime.backends.cuda import CudaError
 from paligemma_edge.runtime.engines.build import profiles_for
 from paligemma_edge.runtime.engines.common import gpu_description
 from paligemma_edge.runtime.bundle.manifest import EngineSpec, read_manifest
 from paligemma_edge.runtime.generation.sampling import GenerationOptions
 
 from .conftest import model_id, run_cli
-from .tensorrt_emulation import EmulatedTensorRT, EmulationError
+from .tensorrt_emulation import EmulatedTensorRT, EmulationError, Faults
 
 PROMPTS = ["caption en", "answer en what is the quick brown fox doing on the table today", "ocr"]
 
@@ -125,7 +127,12 @@ def test_backend_loop_on_emulated_engines_matches_onnxruntime(emulated, images):
         pixels = model.encode_images(pictures)
     with paligemma_edge.load(bundle, backend="tensorrt-rtx") as model:
         device, engines, manifest = emulation.device, model.backend, model.manifest
-        banks = {address for bank in engines._banks for address in bank.values()}
+        assert device is not None  # the backend made its CUDA memory
+        assert isinstance(engines, trt_backend.TensorRTBackend)
+        spec = manifest.decoder  # the two banks: every past at [max batch, kv heads, max sequence, head dim]
+        kv_bytes = 3 * spec.num_kv_heads * 48 * spec.head_dim * engines.decoder.dtypes["past_key_0"].itemsize
+        banks = {address for address, nbytes in device.allocations().items() if nbytes == kv_bytes}
+        assert len(banks) == 2 * 2 * spec.num_layers
         allocations = device.mallocs
         device.uploads.clear()
         device.downloads.clear()
@@ -163,7 +170,7 @@ def test_cli_tasks_on_emulated_engines_print_what_onnxruntime_prints(emulated, i
         assert printed[0] == printed[1] and len(printed[0]) == (2 if "--prompt" in task else 1)
 
 
-def _step_inputs(manifest, past: int, seq: int, rng):
+def _step_inputs(manifest, past: int, seq: int, rng) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
     """Random embeddings, all-visible masks and positions for ``seq`` new positions after ``past``."""
     masks = {t.name: np.ones((1, 1, seq, past + seq), bool) for t in manifest.decoder_graph.inputs if "mask" in t.name}
     embeds = rng.standard_normal((1, seq, manifest.decoder.hidden_size)).astype(np.float32)
@@ -205,18 +212,48 @@ def test_emulated_engines_batches_up_to_the_build(emulated, images):
 @needs_rtx
 @pytest.mark.parametrize("emulated", [((2, 28), "fp32", 2)], indirect=True, ids=["pg2-28px-fp32-2-profiles"])
 def test_the_emulation_catches_what_a_gpu_would_not_report(emulated, images):
-    """A shared KV bank (present written over past) and a decode run in the prefill context."""
-    bundle, _ = emulated
+    """KV buffers that share memory (present written over past) and a decode run in the prefill context."""
+    bundle, emulation = emulated
+    emulation.faults.reused_sizes = True  # every past and present of a shape in one block
     with paligemma_edge.load(bundle, backend="tensorrt-rtx") as model:
-        banks = model.backend._banks
-        banks[1] = banks[0]
-        with pytest.raises(EmulationError, match="output present_key_0 overlaps input past_key_0"):
+        with pytest.raises(EmulationError, match=r"output present_\w+ overlaps (input past|output present)_"):
             model.generate_batch([images[0]], PROMPTS[:1], GenerationOptions(max_new_tokens=3))
+    emulation.faults = Faults(profiles_ignored=True)  # the decode context stays on the prefill profile
     with paligemma_edge.load(bundle, backend="tensorrt-rtx") as model:
-        contexts = model.backend._phase_contexts
-        contexts["decode"] = contexts["prefill"]
         with pytest.raises(paligemma_edge.BundleError, match="does not take past_key_0 of shape .* outside profile 0"):
             model.generate_batch([images[0]], PROMPTS[:1], GenerationOptions(max_new_tokens=3))
+
+
+@needs_rtx
+@pytest.mark.parametrize("emulated", [((2, 28), "fp32", 2)], indirect=True, ids=["pg2-28px-fp32-2-profiles"])
+def test_a_load_that_fails_half_way_frees_the_device(emulated):
+    """A decoder engine TensorRT cannot read (after the vision engine loaded), then device memory that runs
+    out half-way through the buffers: each time every buffer is freed and the stream destroyed before the
+    error propagates. A backend that loads frees the same on leaving its with block, once."""
+    bundle, emulation = emulated
+    manifest = read_manifest(bundle)
+    decoder_engine = bundle / next(iter(manifest.engines.values())).decoder.file
+    engine_bytes = decoder_engine.read_bytes()
+    decoder_engine.write_bytes(b"not an engine")
+    with pytest.raises(paligemma_edge.BundleError, match="TensorRT cannot load the engine"):
+        create_backend("tensorrt-rtx", bundle, manifest)
+    failed = emulation.device
+    assert failed is not None and failed.mallocs == 0 and failed.closed
+
+    decoder_engine.write_bytes(engine_bytes)
+    with create_backend("tensorrt-rtx", bundle, manifest) as backend:
+        loaded = emulation.device
+        assert loaded is not None and loaded.allocations() and not loaded.closed
+        buffers = loaded.mallocs
+    assert loaded.closed and not loaded.allocations()
+    backend.close()  # a second close is harmless
+
+    emulation.faults.mallocs_before_oom = buffers // 2
+    with pytest.raises(CudaError, match="cudaErrorMemoryAllocation"):
+        create_backend("tensorrt-rtx", bundle, manifest)
+    short = emulation.device
+    assert short is not None and short.mallocs == buffers // 2 > 0
+    assert short.closed and not short.allocations()
 
 
 @pytest.mark.parametrize("backend, provider", [("onnxruntime-cuda", "CUDAExecutionProvider"),
@@ -250,6 +287,7 @@ def test_every_tensorrt_call_exists_in_the_bindings():
 @needs_gpu
 @pytest.mark.parametrize("variant, profiles", [("fp32", 2), ("fp32", 1), ("int8-trt", 2), ("int4-trt", 1)])
 def test_engines_generate_what_onnxruntime_generates(bundles, quantized, images, tmp_path, variant, profiles):
+    assert FLAVOUR is not None  # needs_gpu skips without one
     source = bundles[(2, 28)] if variant == "fp32" else quantized[(2, 28), variant]
     bundle = tmp_path / "bundle"
     shutil.copytree(source, bundle)

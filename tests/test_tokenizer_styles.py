@@ -55,7 +55,8 @@ def gemma_style():
     trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=SPECIALS + byte_pieces, show_progress=False)
     trainer_tokenizer.train_from_iterator(CORPUS, trainer=trainer)
     trained = json.loads(trainer_tokenizer.to_str())["model"]
-    gemma = GemmaTokenizer(vocab=trained["vocab"], merges=[tuple(pair) for pair in trained["merges"]])
+    # transformers annotates merges as strings; the BPE model it builds takes (left, right) pairs
+    gemma = GemmaTokenizer(vocab=trained["vocab"], merges=[tuple(pair) for pair in trained["merges"]])  # type: ignore[misc]
     return _add_paligemma_tokens(gemma.backend_tokenizer)
 
 
@@ -63,6 +64,7 @@ def metaspace_style(prepend_scheme: str, split: bool, unigram: bool):
     """SentencePiece-converted tokenizers: ``first`` is add_dummy_prefix (Llama-style), ``always`` T5-style."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+    trainer: trainers.Trainer
     if unigram:
         tokenizer = Tokenizer(models.Unigram())
         trainer = trainers.UnigramTrainer(vocab_size=400, special_tokens=SPECIALS, unk_token="<unk>",

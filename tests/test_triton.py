@@ -111,15 +111,18 @@ def test_a_batch_of_mixed_options_runs_once_and_each_row_equals_it_alone(bundle,
         {"IMAGE": images[0].read_bytes(), "PROMPT": b"caption en", "MAX_NEW_TOKENS": 8, "TOP_K": 5, **sampled},
     ]
     with load(bundle) as model:
-        items = [parse_item(model, f, limits) for f in fields] + [None]
-        outcomes = run_items(model, items)
+        items = [parse_item(model, f, limits) for f in fields]
+        outcomes = run_items(model, [*items, None])
         assert outcomes[-1] is None
-        got = [o.to_dict() for o in outcomes[:-1]]
+        got = []
+        for outcome in outcomes[:-1]:
+            assert outcome is not None and not isinstance(outcome, Exception), outcome
+            got.append(outcome.to_dict())
         assert len({g["timings"]["vision_ms"] for g in got}) == 1  # one generation ran them all
         for one, item in zip(got, items):  # each row had its own budget
             assert len(one["token_ids"]) == item.options.max_new_tokens or one["finish_reason"] == "eos"
         assert got[3]["token_ids"] != got[4]["token_ids"]  # the seeds matter: each row has its own stream
-        for item, one in zip(items[:-1], got):
+        for item, one in zip(items, got):
             alone = model.structure(model.generate_batch([item.image], [item.prompt], item.options)[0],
                                     *item.image.size)
             assert _untimed(one) == _untimed(alone.to_dict())

@@ -120,7 +120,7 @@ def stream(url: str, model: str, request: dict, cancel_after: int | None = None)
     client.start_stream(callback=lambda result, error: events.put((result, error)))
     client.async_stream_infer(model, inputs(grpcclient, request), enable_empty_final_response=True,
                               parameters=request.get("parameters"))
-    answers = []
+    answers: list[dict] = []
     while True:
         if cancel_after is not None and len(answers) >= cancel_after:
             client.stop_stream(cancel_requests=True)
@@ -142,7 +142,7 @@ def stream(url: str, model: str, request: dict, cancel_after: int | None = None)
 
 def main() -> None:
     plan = json.load(sys.stdin)
-    out = []
+    out: list[object] = []  # one JSON value per step, of the step's own shape
     for step in plan["steps"]:
         kind = step["kind"]
         if kind == "infer":

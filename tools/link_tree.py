@@ -13,9 +13,9 @@ one. ``make install`` and ``make lint`` run it.
 
 from __future__ import annotations
 
+import importlib
 import shutil
 import sys
-import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,6 +23,9 @@ PACKAGE = "paligemma_edge"
 
 
 def link_tree(output: Path) -> Path:
+    if sys.version_info < (3, 11):
+        sys.exit("tools/link_tree.py reads pyproject.toml with tomllib: run it with Python 3.11 or newer")
+    tomllib = importlib.import_module("tomllib")  # the standard library's from 3.11 (mypy checks for 3.10)
     package_dir = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
     top = output / PACKAGE
     if output.exists():

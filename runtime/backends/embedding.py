@@ -24,6 +24,8 @@ class HostEmbedding:
         self.hidden = spec.shape[1]
         self.block_scales = None
         if spec.block_size:
+            if spec.scale_file is None:
+                raise BundleError(f"{bundle_dir}: the manifest's int8 table has no scale file; re-create the bundle")
             self.block_scales = load_array(Path(bundle_dir) / spec.scale_file, np.dtype("float32"), (spec.shape[0], spec.blocks))
             if "embedding" in input_dtypes:
                 raise BundleError(f"{bundle_dir}: the table is int8 in blocks, read by the LM head, but the decoder "

@@ -6,6 +6,15 @@ are bound as the next step's past (an IO binding), so neither Python nor the hos
 only the logits are bound to host memory. The tied embedding is one memory-mapped array serving
 the token lookup and, placed on the device once, the decoder's LM head input (a float table; an
 int8 table is the LM head's own initializer, read by ONNX Runtime from the same files).
+
+What is decided here:
+
+- The decoder session is made first (its load peak is the larger); if the vision session then
+  fails, the decoder is released before the error propagates.
+- The hooks (base.SessionHooks): the observer sees each run's inputs as numpy arrays (on the CPU,
+  views of the very buffers bound: the cache values and the table as they go in); the profiler is
+  switched on for the decoder session alone, which is made once with it (never a second decoder
+  session in memory).
 """
 
 from __future__ import annotations
@@ -18,8 +27,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from ..errors import BackendUnavailableError, BundleError, first_line
+from ..errors import BackendUnavailableError, BundleError, InputError, first_line
 from ..bundle.manifest import GraphSpec, Manifest, past_names, present_names
+from .base import BackendBase, SessionHooks, released_on_failure
 from .embedding import HostEmbedding
 
 GPU_INSTALL = ("pip install onnxruntime-gpu (on a Jetson: the JetPack build of onnxruntime-gpu, see the README's "
@@ -57,19 +67,32 @@ def check_int8_head_support(manifest: Manifest) -> None:
         )
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(BackendBase[OrtCache]):
     name = "onnxruntime"
     device = "cpu"  # where the cache, the table and the decoder's other inputs live
+    can_drop_rows = True
 
-    def __init__(self, bundle_dir: Path, manifest: Manifest, threads: int | None = None):
+    def __init__(self, bundle_dir: Path, manifest: Manifest, threads: int | None = None,
+                 hooks: SessionHooks | None = None):
         self.manifest = manifest
         self.decoder_spec = manifest.decoder
         self._bundle_dir = Path(bundle_dir)
+        self._hooks = hooks or SessionHooks()
+        with released_on_failure(self):
+            self._load(threads)
+
+    def _load(self, threads: int | None) -> None:
+        manifest = self.manifest
         check_int8_head_support(manifest)
         options = session_options(threads)
+        decoder_options = options
+        if self._hooks.profile_prefix is not None:
+            decoder_options = session_options(threads)
+            decoder_options.enable_profiling = True
+            decoder_options.profile_file_prefix = str(self._hooks.profile_prefix)
         providers = self.providers()
         # The decoder first: its load peak (ONNX Runtime reads each weight, then pre-packs a copy) is the larger
-        self.decoder = self._session(manifest.decoder_graph, options, providers)
+        self.decoder = self._session(manifest.decoder_graph, decoder_options, providers)
         self.vision = self._session(manifest.vision_graph, options, providers)
         self._decoder_outputs = manifest.decoder_graph.output_names()
         # Which output becomes which past input on the next step.
@@ -81,7 +104,7 @@ class OnnxRuntimeBackend:
         self._input_dtypes = {
             t.name: np.dtype(t.dtype) for graph in (manifest.vision_graph, manifest.decoder_graph) for t in graph.inputs
         }
-        self.host_embedding = HostEmbedding(bundle_dir, manifest, self._input_dtypes)
+        self.host_embedding = HostEmbedding(self._bundle_dir, manifest, self._input_dtypes)
         self.embedding = self.host_embedding.table
         self._constant_inputs = {name: self._on_device(array) for name, array in self.host_embedding.decoder_inputs().items()}
 
@@ -96,18 +119,23 @@ class OnnxRuntimeBackend:
 
     def _session(self, graph: GraphSpec, options, providers) -> ort.InferenceSession:
         path = self._bundle_dir / graph.file
+        failure = None
         try:
             session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         except Exception as exc:  # ORT raises its own exception types (InvalidProtobuf, Fail, ...)
-            raise BundleError(f"{path}: ONNX Runtime cannot load the graph ({first_line(exc)}); re-export the bundle") from None
+            failure = first_line(exc)
+        if failure is not None:  # raised outside the handler: the error holds no half-made session
+            raise BundleError(f"{path}: ONNX Runtime cannot load the graph ({failure}); re-export the bundle")
         names = [i.name for i in session.get_inputs()]
         if names != graph.input_names():
             raise BundleError(f"{path}: graph inputs {names} differ from the manifest; re-export the bundle")
         return session
 
     def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
-        pixels = pixel_values.astype(self._input_dtypes["pixel_values"], copy=False)
-        return self.vision.run(None, {"pixel_values": pixels})[0].astype(np.float32, copy=False)
+        feed = {"pixel_values": pixel_values.astype(self._input_dtypes["pixel_values"], copy=False)}
+        if self._hooks.observer is not None:
+            self._hooks.observer("vision", feed)
+        return self.vision.run(None, feed)[0].astype(np.float32, copy=False)
 
     def embed(self, token_ids: np.ndarray) -> np.ndarray:
         return self.host_embedding.lookup(token_ids)
@@ -129,17 +157,21 @@ class OnnxRuntimeBackend:
             kept.values[name] = self._on_device(np.ascontiguousarray(value.numpy()[rows]))
         return kept
 
-    def step(self, inputs_embeds, masks, position_ids, cache: OrtCache) -> np.ndarray:
+    def step(self, inputs_embeds: np.ndarray, masks: dict[str, np.ndarray], position_ids: np.ndarray,
+             cache: OrtCache) -> np.ndarray:
         embeds_dtype = self._input_dtypes["inputs_embeds"]
         feed = {
             "inputs_embeds": np.ascontiguousarray(inputs_embeds, dtype=embeds_dtype),
             "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64),
             **{name: np.ascontiguousarray(mask) for name, mask in masks.items()},
         }
+        bound = {name: self._on_device(array) for name, array in feed.items()}
+        bound.update(self._constant_inputs)
+        bound.update(cache.values)
+        if self._hooks.observer is not None:
+            self._hooks.observer("decoder", {name: value.numpy() for name, value in bound.items()})
         binding = self.decoder.io_binding()
-        for name, array in feed.items():
-            binding.bind_ortvalue_input(name, self._on_device(array))
-        for name, value in (*self._constant_inputs.items(), *cache.values.items()):
+        for name, value in bound.items():
             binding.bind_ortvalue_input(name, value)
         logits_name = self._decoder_outputs[0]
         binding.bind_output(logits_name, "cpu")  # only the logits come back to the host
@@ -152,7 +184,13 @@ class OnnxRuntimeBackend:
             cache.values[past] = outputs[present]
         return outputs[logits_name].numpy().astype(np.float32, copy=False)
 
-    def close(self) -> None:
+    def end_profiling(self) -> Path:
+        """Stop the decoder session's profiler (SessionHooks.profile_prefix); returns its JSON file."""
+        if self._hooks.profile_prefix is None:
+            raise InputError("the decoder is not being profiled: create the backend with SessionHooks(profile_prefix=...)")
+        return Path(self.decoder.end_profiling())
+
+    def release(self) -> None:
         self.vision = self.decoder = None
         self._constant_inputs = {}
 
@@ -161,14 +199,15 @@ class _GpuProviders(OnnxRuntimeBackend):
     device = "cuda"
     required = ""  # the provider this backend cannot run without
 
-    def __init__(self, bundle_dir: Path, manifest: Manifest, threads: int | None = None):
+    def __init__(self, bundle_dir: Path, manifest: Manifest, threads: int | None = None,
+                 hooks: SessionHooks | None = None):
         available = ort.get_available_providers()
         if self.required not in available:
             raise BackendUnavailableError(
                 f"backend '{self.name}' needs ONNX Runtime's {self.required}, and this onnxruntime has "
                 f"{', '.join(available)}: {GPU_INSTALL}"
             )
-        super().__init__(bundle_dir, manifest, threads)
+        super().__init__(bundle_dir, manifest, threads, hooks)
 
 
 class OnnxRuntimeCudaBackend(_GpuProviders):

@@ -12,19 +12,29 @@ runs in two execution contexts, one per profile; one with a single profile in on
 No CUDA graph is captured: the past grows by one position every step, so no two decode steps have
 the same shapes; a decoder graph over a fixed-size cache would allow it. Memory goes through
 cuda-python, so the device needs no torch.
+
+What is decided here:
+
+- A load that fails half-way (an engine TensorRT cannot deserialize, a profile it refuses, a
+  failed allocation) frees every buffer allocated so far, drops the engines and destroys the
+  stream before the error propagates.
+- Rows cannot leave a cache (``can_drop_rows`` is False): the banks stay at the batch they began with.
+- No session hooks: a feed observer or a profiler is refused (they are ONNX Runtime's).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from .base import BackendBase, SessionHooks, refuse_hooks, released_on_failure
 from .cuda import Cuda, CudaError
 from ..engines.common import CollectingLogger, device_tag, gpu_description, import_tensorrt, select_engines
 from ..errors import BundleError, InputError
-from ..bundle.manifest import EngineSpec, Manifest, past_names, present_names
+from ..bundle.manifest import EngineSet, EngineSpec, Manifest, past_names, present_names
 from .embedding import HostEmbedding
 
 
@@ -64,7 +74,7 @@ class _Engine:
         expected = [t.name for t in (*spec.inputs, *spec.outputs)]
         if sorted(names) != sorted(expected):
             raise BundleError(f"{path}: engine tensors {names} differ from the manifest's {expected}; rebuild it")
-        self.contexts = {}
+        self.contexts: dict[str, Any] = {}  # profile name -> TensorRT's IExecutionContext
         for index, profile in enumerate(spec.profiles):
             context = self.engine.create_execution_context()
             if len(spec.profiles) > 1 and not context.set_optimization_profile_async(index, cuda.stream_handle):
@@ -72,29 +82,46 @@ class _Engine:
                                   f"{logger.last()}; rebuild the engines")
             self.contexts[profile] = context
 
+    def release(self) -> None:
+        """Drop the execution contexts, then the engine (TensorRT frees them in that order)."""
+        self.contexts = {}
+        self.engine = None
 
-class TensorRTBackend:
+
+class TensorRTBackend(BackendBase[TensorRTCache]):
     name = "tensorrt"
     flavour = "tensorrt"
 
-    def __init__(self, bundle_dir: Path, manifest: Manifest, threads: int | None = None):
+    def __init__(self, bundle_dir: Path, manifest: Manifest, threads: int | None = None,
+                 hooks: SessionHooks | None = None):
         del threads  # the GPU does the work
-        bundle_dir = Path(bundle_dir)
+        refuse_hooks(self.name, hooks)
         trt = import_tensorrt(self.flavour)
         record = select_engines(manifest, device_tag(self.flavour, trt.__version__, gpu_description()))
-        self.cuda = Cuda()
+        self._engines: list[_Engine] = []  # what release() drops, as they load
+        self.cuda = Cuda()  # the stream; every buffer is allocated through it, and freed by its close()
+        with released_on_failure(self):
+            self._load(trt, record, Path(bundle_dir), manifest)
+
+    def _engine(self, trt, path: Path, spec: EngineSpec) -> _Engine:
+        engine = _Engine(trt, self._runtime, self._logger, path, spec, self.cuda)
+        self._engines.append(engine)
+        return engine
+
+    def _load(self, trt, record: EngineSet, bundle_dir: Path, manifest: Manifest) -> None:
         self.max_batch, self.max_seq_len = record.max_batch, record.max_seq_len
+        self._batch_limit = max_batch = record.max_batch  # the same numbers, as ints for the methods
+        self._position_limit = max_seq_len = record.max_seq_len
         self.decoder_spec = manifest.decoder
         self._logger = CollectingLogger(trt)
         self._runtime = trt.Runtime(self._logger.logger)
-        self.vision = _Engine(trt, self._runtime, self._logger, bundle_dir / record.vision.file, record.vision, self.cuda)
-        self.decoder = _Engine(trt, self._runtime, self._logger, bundle_dir / record.decoder.file, record.decoder,
-                               self.cuda)
+        self.vision = self._engine(trt, bundle_dir / record.vision.file, record.vision)
+        self.decoder = self._engine(trt, bundle_dir / record.decoder.file, record.decoder)
         input_dtypes = {n: d for engine in (self.vision, self.decoder) for n, d in engine.dtypes.items()}
         self.host_embedding = HostEmbedding(bundle_dir, manifest, input_dtypes)
 
         self._vision_io = (record.vision.inputs[0].name, record.vision.outputs[0].name)
-        self._vision_out_shape = (self.max_batch, manifest.image.num_tokens, manifest.decoder.hidden_size)
+        self._vision_out_shape = (max_batch, manifest.image.num_tokens, manifest.decoder.hidden_size)
         self._buffers: dict[str, int] = {}
         for name, shape in max_shapes(record.vision).items():
             self._buffers[name] = self._malloc(name, shape)
@@ -109,14 +136,14 @@ class TensorRTBackend:
             if name not in pasts and name not in constants:
                 self._buffers[name] = self._malloc(name, shape)
         # two banks of the whole cache, each at [max batch, kv heads, max sequence, head dim]
-        kv_shape = (self.max_batch, manifest.decoder.num_kv_heads, self.max_seq_len, manifest.decoder.head_dim)
+        kv_shape = (max_batch, manifest.decoder.num_kv_heads, max_seq_len, manifest.decoder.head_dim)
         self._banks = [{past: self._malloc(past, kv_shape) for past in pasts} for _ in range(2)]
         contexts = self.decoder.contexts
         self._phase_contexts = {phase: contexts.get(phase, next(iter(contexts.values())))
                                 for phase in ("prefill", "decode")}  # a one-profile engine: one context for both
         self._logits_name = record.decoder.outputs[0].name
         vocab = record.decoder.outputs[0].shape[-1]
-        self._logits_shape = (self.max_batch, vocab if isinstance(vocab, int) else manifest.embedding.shape[0])
+        self._logits_shape = (max_batch, vocab if isinstance(vocab, int) else manifest.embedding.shape[0])
         self._buffers[self._logits_name] = self._malloc(self._logits_name, self._logits_shape)
         for name, array in constants.items():  # the table goes up once and stays
             self._buffers[name] = self._malloc(name, array.shape)
@@ -134,8 +161,8 @@ class TensorRTBackend:
         name_in, name_out = self._vision_io
         context = next(iter(self.vision.contexts.values()))
         chunks = []
-        for start in range(0, len(pixel_values), self.max_batch):
-            pixels = pixel_values[start:start + self.max_batch].astype(self.vision.dtypes[name_in], copy=False)
+        for start in range(0, len(pixel_values), self._batch_limit):
+            pixels = pixel_values[start:start + self._batch_limit].astype(self.vision.dtypes[name_in], copy=False)
             self.cuda.upload(self._buffers[name_in], pixels)
             self._bind(context, name_in, pixels.shape, self._buffers[name_in])
             self._bind(context, name_out, None, self._buffers[name_out])
@@ -148,19 +175,20 @@ class TensorRTBackend:
         return self.host_embedding.lookup(token_ids)
 
     def new_cache(self, batch: int) -> TensorRTCache:
-        if batch > self.max_batch:
-            raise InputError(f"a batch of {batch} exceeds the engines' max batch {self.max_batch}: "
+        if batch > self._batch_limit:
+            raise InputError(f"a batch of {batch} exceeds the engines' max batch {self._batch_limit}: "
                              "rebuild with 'paligemma-edge build-engines --max-batch N'")
         self._owner = TensorRTCache(batch)  # one cache at a time: the banks are the backend's
         return self._owner
 
-    def step(self, inputs_embeds, masks, position_ids, cache: TensorRTCache) -> np.ndarray:
+    def step(self, inputs_embeds: np.ndarray, masks: dict[str, np.ndarray], position_ids: np.ndarray,
+             cache: TensorRTCache) -> np.ndarray:
         if cache is not self._owner:
             raise InputError("the TensorRT backend runs one generation at a time; this cache was replaced")
         rows, seq = inputs_embeds.shape[:2]
         past, total = cache.length, cache.length + seq
-        if total > self.max_seq_len:
-            raise InputError(f"{total} positions exceed the engines' max sequence {self.max_seq_len}: "
+        if total > self._position_limit:
+            raise InputError(f"{total} positions exceed the engines' max sequence {self._position_limit}: "
                              "rebuild with 'paligemma-edge build-engines --max-seq-len N'")
         if past and seq != 1:
             raise InputError("after the prompt the decoder takes one token per step")
@@ -194,8 +222,10 @@ class TensorRTBackend:
         if not context.execute_async_v3(self.cuda.stream_handle):
             raise CudaError(f"TensorRT could not run the {what} engine: {self._logger.last()}")
 
-    def close(self) -> None:
-        self.vision = self.decoder = None
+    def release(self) -> None:
+        for engine in self._engines:
+            engine.release()
+        self._engines = []
         self.cuda.close()
 
 

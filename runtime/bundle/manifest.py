@@ -250,11 +250,18 @@ def _build(cls, data: Any, where: str):
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise BundleError(f"manifest: {where} is missing '{name}'")
             continue
+        if not isinstance(f.type, str):  # the module's own dataclasses: annotations from __future__
+            raise TypeError(f"{cls.__name__}.{name}: manifest fields need string annotations, got {f.type!r}")
         kwargs[name] = _convert(f.type, data[name], f"{where}.{name}")
     return cls(**kwargs)
 
 
-_SCALARS = {"int": int, "float": (int, float), "str": str, "bool": bool}
+_SCALARS: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, float), "str": str, "bool": bool}
+
+
+def _is_scalar(value: Any, type_name: str) -> bool:
+    """Whether a JSON value has a scalar field's type (a bool is not an int, and only a bool is a bool)."""
+    return isinstance(value, bool) == (type_name == "bool") and isinstance(value, _SCALARS[type_name])
 
 
 def _split_args(inner: str) -> list[str]:
@@ -275,7 +282,7 @@ def _convert(type_name: str, value: Any, where: str):
     if type_name == "int | str":
         type_name = "str" if isinstance(value, str) else "int"
     if type_name in _SCALARS:
-        if isinstance(value, bool) != (type_name == "bool") or not isinstance(value, _SCALARS[type_name]):
+        if not _is_scalar(value, type_name):
             raise BundleError(f"manifest: {where} must be {type_name}, got {value!r}")
         return float(value) if type_name == "float" else value
     if type_name.startswith("tuple["):

@@ -28,7 +28,7 @@ def _plain(value: Any) -> Any:
 def _brief(details: dict, nested: bool = True) -> dict:
     """The scalars of a manifest record (one nested level flattened as 'key.sub'); long lists and deeper
     objects (an fp16 graph's list of kept node names) are left to the manifest itself."""
-    out = {}
+    out: dict[str, Any] = {}
     for key, value in details.items():
         if isinstance(value, dict) and nested:
             out |= {f"{key}.{k}": v for k, v in _brief(value, nested=False).items()}
@@ -121,7 +121,8 @@ class BundleSummary:
             quantized = f"  {_line(graph['quantization'])}" if graph["quantization"] else ""
             lines.append(f"  {graph['name']:<9} {', '.join(graph['files'])}: {graph['precision']}, {size}{quantized}")
         emb = self.embedding
-        size = human_size(self.files[emb["file"]]) if self.files.get(emb["file"]) is not None else "missing"
+        emb_bytes = self.files.get(emb["file"])
+        size = human_size(emb_bytes) if emb_bytes is not None else "missing"
         lines.append(f"  embedding {emb['file']}: {emb['dtype']} {emb['shape']}, {size}"
                      + (f", int8 in blocks of {emb['block_size']} (scales in {emb['scale_file']}), read by the decoder's LM head"
                         if emb["block_size"] else ""))
@@ -157,8 +158,10 @@ def inspect_bundle(bundle: str | Path) -> BundleSummary:
     graphs = []
     for name, graph in (("vision", m.vision_graph), ("decoder", m.decoder_graph)):
         sizes = [_file_size(bundle, f) for f in (graph.file, *graph.external_data)]
+        present = [size for size in sizes if size is not None]
         graphs.append({"name": name, "files": [graph.file, *graph.external_data], "precision": graph.precision,
-                       "bytes": None if None in sizes else sum(sizes), "quantization": _brief(graph.quantization)})
+                       "bytes": sum(present) if len(present) == len(sizes) else None,
+                       "quantization": _brief(graph.quantization)})
     # The fp32 bundle's validation travels with a quantized bundle as quantization.source_validation.
     quantization = dict(m.quantization)
     validation = _brief(m.validation)

@@ -14,7 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Callable
+from typing import IO, Callable
 
 import numpy as np
 
@@ -185,9 +185,17 @@ def _scan_members(members: list[tarfile.TarInfo], report: VerifyReport) -> tuple
     return root, files
 
 
+def _open_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> IO[bytes]:
+    """A regular file member's bytes (``_scan_members`` lets only those through)."""
+    handle = tar.extractfile(member)
+    if handle is None:
+        raise BundleError(f"archive member '{member.name}' is not a regular file")
+    return handle
+
+
 def _member_sha256(tar: tarfile.TarFile, member: tarfile.TarInfo) -> str:
     digest = hashlib.sha256()
-    with tar.extractfile(member) as handle:
+    with _open_member(tar, member) as handle:
         while block := handle.read(1 << 22):
             digest.update(block)
     return digest.hexdigest()
@@ -198,7 +206,7 @@ def _extract(tar: tarfile.TarFile, members: dict[str, tarfile.TarInfo], target: 
     for name, member in members.items():
         path = target / PurePosixPath(name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tar.extractfile(member) as source, open(path, "wb") as sink:
+        with _open_member(tar, member) as source, open(path, "wb") as sink:
             shutil.copyfileobj(source, sink, 1 << 22)
 
 
@@ -222,7 +230,7 @@ def _check_archive(tar: tarfile.TarFile, path: Path, scratch: Path, dry_load: bo
     digests = {name: _member_sha256(tar, files[name]) for name in [MANIFEST_NAME, *manifest.files] if name in files}
     _check_files(manifest, digests.get, report)
     if SUMS_NAME in files:
-        with tar.extractfile(files[SUMS_NAME]) as handle:
+        with _open_member(tar, files[SUMS_NAME]) as handle:
             _check_sums(handle.read(), digests.get, [MANIFEST_NAME, *manifest.files], report)
     else:
         report.problems.append(f"no '{root}/{SUMS_NAME}' member; re-pack the bundle")

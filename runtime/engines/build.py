@@ -153,6 +153,7 @@ def _build_one(trt, bundle: Path, graph: GraphSpec, name: str, options: EngineOp
     # handing it to the next engine's builder crashed TensorRT for RTX (a segfault).
     cache = config.create_timing_cache(cache)
     config.set_timing_cache(cache, ignore_mismatch=False)
+    assert options.decoder_profiles is not None  # EngineOptions.__post_init__ puts the flavour's default there
     profiles = profiles_for(graph, name, options.max_batch, max_seq_len, options.decoder_profiles)
     for shapes in profiles.values():
         profile = builder.create_optimization_profile()

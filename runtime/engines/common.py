@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import re
 import subprocess
+from typing import Any
 
 from ..bundle.manifest import EngineSet, Manifest
 from ..errors import BackendUnavailableError, BundleError
@@ -52,7 +53,7 @@ class CollectingLogger:
 
     def __init__(self, trt):
         self.errors: list[str] = []
-        base = trt.ILogger
+        base: Any = trt.ILogger  # the flavour's module, imported at run time: no static type to name
 
         class Collecting(base):  # TensorRT needs an ILogger subclass
             def __init__(inner):

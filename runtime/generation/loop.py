@@ -91,7 +91,7 @@ def generate_steps(
     ``options``: one for every row, or one per row (each row then samples as it would alone, see
     :class:`Sampler`), so rows may have different budgets. ``stop`` is called after each step and
     returns the rows the caller wants to end now (a client that went away). Rows that are done
-    leave the backend's cache where the backend can drop rows (``keep_rows``): a batch then costs
+    leave the backend's cache where the backend can drop rows (``can_drop_rows``): a batch then costs
     decode work only for the rows still generating.
     """
     rows, width = batch.input_ids.shape
@@ -100,7 +100,7 @@ def generate_steps(
     budgets = np.array([min(sampler.max_new_tokens(row), room) for row in range(rows)])
     stops_at_eos = np.array([sampler.stops_at_eos(row) for row in range(rows)])
     logits, state = prefill(backend, spec, batch, image_embeds)
-    can_drop = callable(getattr(backend, "keep_rows", None))
+    can_drop = backend.can_drop_rows
     in_cache = np.arange(rows)  # the batch rows the cache holds, in its order
     finished = budgets == 0
     produced = np.zeros(rows, dtype=np.int64)

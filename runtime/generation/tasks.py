@@ -105,19 +105,23 @@ def result_kind(prompt: str) -> str:
     return "text"
 
 
+def _given(value: str | None) -> str | None:
+    """A request field's text, or None where it is absent or blank."""
+    return None if value is None or not value.strip() else value
+
+
 def resolve_prompt(prompt: str | None, task: str | None, lang: str | None, question: str | None,
                    objects: str | None) -> str:
     """The prompt of a request that gives either a free ``prompt`` or a ``task`` with its fields (serve, Triton);
     blank fields count as absent."""
-    blank = lambda value: value is None or not value.strip()
-    if not blank(prompt) and not blank(task):
+    prompt, task, lang, question, objects = map(_given, (prompt, task, lang, question, objects))
+    if prompt is not None and task is not None:
         raise InputError("give either 'prompt' or 'task', not both")
-    if not blank(task):
-        return build_prompt(task.strip(), lang=None if blank(lang) else lang.strip(),
-                            question=None if blank(question) else question,
-                            objects=None if blank(objects) else objects)
-    if not (blank(lang) and blank(question) and blank(objects)):
+    if task is not None:
+        return build_prompt(task.strip(), lang=None if lang is None else lang.strip(), question=question,
+                            objects=objects)
+    if not (lang is None and question is None and objects is None):
         raise InputError("'lang', 'question' and 'objects' go with 'task'")
-    if blank(prompt):
+    if prompt is None:
         raise InputError("give a 'prompt' or a 'task'")
     return prompt.strip()
