@@ -3,11 +3,11 @@
     python -m paligemma_edge.benchmarks.profile BUNDLE [--new-tokens 8] [--threads N] [--top 8]
 
 Generates a caption with the decoder session made with profiling on (the backend's SessionHooks:
-the only decoder session in memory, a 3B fp32 decoder is 8 GB), then splits the profile by decoder run: the first is the prefill, the rest are decode steps. Prints, for the
-median decode step, the time per operator type and the slowest nodes with the bytes of the
-weights they read and the rate at which they read them: for the LM head always (a float table is
-an input the profiler lists; an int8 table's bytes are its files'), for other nodes where the
-profiler lists those inputs (weights pre-packed at load, such as the int8 and int4 layers', not).
+the only decoder session in memory, a 3B fp32 decoder is 8 GB), then splits the profile by decoder
+run: the first is the prefill, the rest are decode steps. Prints, for the median decode step, the
+time per operator type and the slowest nodes with the bytes of the weights they read and the rate
+at which they read them: for the LM head always (a float table is an input the profiler lists; an
+int8 table's bytes are its files'), for other nodes where the profiler lists those inputs (weights pre-packed at load, such as the int8 and int4 layers', not).
 """
 
 from __future__ import annotations
@@ -65,25 +65,19 @@ def profile_decode(bundle: str, new_tokens: int = 8, threads: int | None = None)
     from ..fixtures.tiny import scene_image
     from ..runtime.backends.base import SessionHooks
     from ..runtime.backends.onnxruntime import OnnxRuntimeBackend
-    from ..runtime.bundle.manifest import read_manifest, verify_files
-    from ..runtime.generation.prompt import PromptTokenizer
     from ..runtime.generation.sampling import GenerationOptions
-    from ..runtime.model import PaliGemma
+    from ..runtime.model import load
 
-    bundle_dir = Path(bundle)
-    manifest = read_manifest(bundle_dir)
-    verify_files(bundle_dir, manifest, checksums=False)
-    graph_path = bundle_dir / manifest.decoder_graph.file
-    tokenizer = PromptTokenizer(bundle_dir / manifest.tokenizer, manifest)
     with tempfile.TemporaryDirectory() as scratch:
         hooks = SessionHooks(profile_prefix=Path(scratch) / "decoder")
-        backend = OnnxRuntimeBackend(bundle_dir, manifest, threads=threads, hooks=hooks)
-        with PaliGemma(bundle_dir, manifest, backend, tokenizer) as model:
+        with load(bundle, verify=False, threads=threads, hooks=hooks) as model:
+            backend = model.backend
+            assert isinstance(backend, OnnxRuntimeBackend)  # load's default backend, the one that profiles
             # every run decodes exactly new_tokens tokens, as in the benchmark rows
             model.generate_batch([scene_image()], ["caption en"],
                                  GenerationOptions(max_new_tokens=new_tokens, ignore_eos=True))
             events = json.loads(backend.end_profiling().read_text())
-            weight_shapes = _weight_shapes(graph_path, backend.host_embedding.table)
+            weight_shapes = _weight_shapes(Path(bundle) / model.manifest.decoder_graph.file, backend.host_embedding.table)
             head_bytes = backend.host_embedding.head_bytes()
     decode_runs = _runs(events)[1:]  # the first decoder run is the prefill
     if not decode_runs:

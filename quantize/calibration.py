@@ -30,13 +30,11 @@ from typing import Mapping, Sequence, Union
 import numpy as np
 from PIL import Image
 
-from ..runtime.backends.base import SessionHooks, create_backend
-from ..runtime.bundle.manifest import read_manifest, verify_files
+from ..runtime.backends.base import SessionHooks
 from ..runtime.errors import InputError
-from ..runtime.generation.prompt import PromptTokenizer
 from ..runtime.generation.sampling import GenerationOptions
 from ..runtime.images import load_image
-from ..runtime.model import PaliGemma
+from ..runtime.model import load
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 DEFAULT_PROMPTS = ["caption en", "describe en", "ocr", "answer en what is in the image", "detect object"]
@@ -186,20 +184,11 @@ def calibration_inputs(path: str | Path | None, limit: int = DATASET_PAIRS) -> C
 CONSTANT_INPUTS = ("embedding",)
 
 
-def _load_observed(bundle: Path, observer: CalibrationSet) -> PaliGemma:
-    """The bundle on the ONNX Runtime CPU backend with ``observer`` watching its graphs."""
-    bundle = Path(bundle)
-    manifest = read_manifest(bundle)
-    verify_files(bundle, manifest, checksums=False)
-    backend = create_backend("onnxruntime", bundle, manifest, hooks=SessionHooks(observer=observer.observe))
-    return PaliGemma(bundle, manifest, backend, PromptTokenizer(bundle / manifest.tokenizer, manifest))
-
-
 def record(bundle: Path, pairs: Sequence[tuple[Picture, str]], decode_steps: int = DECODE_STEPS) -> CalibrationSet:
     """Run each (picture, prompt) pair through the bundle (greedy), recording the graphs' feeds;
     consecutive pairs on one picture load it once."""
     recorded = CalibrationSet()
-    with _load_observed(bundle, recorded) as model:
+    with load(bundle, verify=False, hooks=SessionHooks(observer=recorded.observe)) as model:
         model.feature_cache.max_entries = 0  # every pair's image through the vision graph
         options = GenerationOptions(max_new_tokens=decode_steps + 1)
         loaded: dict = {}

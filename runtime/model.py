@@ -22,7 +22,7 @@ from typing import Callable, Generator, Iterable, Iterator, Sequence, TypeVar, U
 import numpy as np
 from PIL import Image
 
-from .backends.base import Backend, create_backend
+from .backends.base import Backend, SessionHooks, create_backend
 from .errors import BundleError, InputError
 from .feature_cache import FeatureCache
 from .generation.loop import Step, generate_steps
@@ -299,12 +299,14 @@ class _StepClock:
         )
 
 
-def load(bundle: str | Path, backend: str = "onnxruntime", verify: bool = True, threads: int | None = None) -> PaliGemma:
-    """Load a bundle directory. ``verify`` checks every file's sha256 against the manifest."""
+def load(bundle: str | Path, backend: str = "onnxruntime", verify: bool = True, threads: int | None = None,
+         hooks: SessionHooks | None = None) -> PaliGemma:
+    """Load a bundle directory. ``verify`` checks every file's sha256 against the manifest; ``hooks``
+    watch the backend's graphs (calibration, profiling: see :class:`~.backends.base.SessionHooks`)."""
     bundle_dir = Path(bundle)
     if not bundle_dir.is_dir():
         raise BundleError(f"{bundle_dir}: no such bundle directory")
     manifest = read_manifest(bundle_dir)
     verify_files(bundle_dir, manifest, checksums=verify)
     tokenizer = PromptTokenizer(bundle_dir / manifest.tokenizer, manifest)
-    return PaliGemma(bundle_dir, manifest, create_backend(backend, bundle_dir, manifest, threads), tokenizer)
+    return PaliGemma(bundle_dir, manifest, create_backend(backend, bundle_dir, manifest, threads, hooks), tokenizer)
