@@ -9,7 +9,7 @@ SHAPES := models/paligemma-shapes
 # torch is pinned to the CPU wheel this project is tested with (an open range pulls a CUDA build).
 TORCH := torch==2.13.0
 
-.PHONY: install install-runtime demo walkthrough lint test bench clean
+.PHONY: install install-runtime demo walkthrough lint test bench gpu-check clean
 
 install:
 	$(PIP) install -q $(TORCH)
@@ -64,6 +64,9 @@ test: install
 
 bench: install  # the standard set: mid (minutes); the 3B architectures take far longer on a CPU
 	$(PYTHON) -m paligemma_edge bench --model mid --precision fp32,int8,int4
+
+gpu-check:  # NVIDIA GPU machine: engines, GPU tests, every GPU backend against the CPU; table in build/gpu-check/gpu-check.md
+	$(PYTHON) -m paligemma_edge.benchmarks.gpu_check --workdir build/gpu-check
 
 clean:
 	rm -rf build .pytest_cache

@@ -8,12 +8,18 @@ embedding / LM head costs what it costs on a real model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..fixtures.tiny import TinySpec, build_checkpoint
 
 REAL_VOCAB_ROWS = 257_216
+
+_MID = TinySpec(
+    family=2, image_size=224, vision_hidden=384, vision_intermediate=1536, vision_layers=6, vision_heads=6,
+    text_hidden=512, text_intermediate=2048, text_layers=8, heads=8, kv_heads=4, head_dim=64,
+    sliding_window=4096, vocab_rows=REAL_VOCAB_ROWS, decoder_weight_std=None, real_softcaps=True,
+)
 
 
 @dataclass(frozen=True)
@@ -27,15 +33,9 @@ MODELS = {
     model.name: model
     for model in (
         BenchModel("tiny", TinySpec(), "CI smoke: the test suite's tiny PaliGemma 2"),
-        BenchModel(
-            "mid",
-            TinySpec(
-                family=2, image_size=224, vision_hidden=384, vision_intermediate=1536, vision_layers=6, vision_heads=6,
-                text_hidden=512, text_intermediate=2048, text_layers=8, heads=8, kv_heads=4, head_dim=64,
-                sliding_window=4096, vocab_rows=REAL_VOCAB_ROWS, decoder_weight_std=None, real_softcaps=True,
-            ),
-            "~175M parameters: PaliGemma 2 layout, 224 px (256 image tokens), real vocabulary",
-        ),
+        BenchModel("mid", _MID, "~175M parameters: PaliGemma 2 layout, 224 px (256 image tokens), real vocabulary"),
+        *(BenchModel(f"mid-{size}", replace(_MID, image_size=size), f"mid at {size} px ({(size // 14) ** 2:,} image tokens)")
+          for size in (448, 896)),
         BenchModel(
             "paligemma-3b-224",
             TinySpec(

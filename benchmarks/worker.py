@@ -61,7 +61,7 @@ def measure_runtime(bundle: str, backend: str, runs: int, new_tokens: int, threa
         vision, prefills, ttfts, decode = [], [], [], []
         for run in range(runs + 1):  # the first run warms up
             vision_ms, embeds = _timed(lambda: model.backend.encode_images(pixels))
-            prefill_ms, _ = _timed(lambda: prefill(model.backend, model.manifest.decoder, batch, embeds))
+            prefill_ms, _ = _timed(lambda: prefill(model.backend, model.manifest.decoder, batch, embeds, new_tokens))
             result = model.generate_batch([image], [PROMPT], options)[0]
             if run:
                 vision.append(vision_ms)

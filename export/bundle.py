@@ -21,7 +21,7 @@ import numpy as np
 
 from ..runtime.bundle.writer import check_output, package_versions, staged_bundle, write_manifest
 from ..runtime.errors import InputError
-from ..runtime.bundle.manifest import EmbeddingSpec, Manifest, MaskDecoderSpec
+from ..runtime.bundle.manifest import GROWING, KV_CACHE_KINDS, EmbeddingSpec, Manifest, MaskDecoderSpec
 from ..runtime.generation.mask_decoder import MaskDecoder
 from .adapter import adapter_record, is_adapter_dir, load_adapted, merge_adapter, read_adapter
 from .checkpoint import decoder_spec, load_checkpoint
@@ -40,6 +40,9 @@ class ExportOptions:
     overwrite: bool = False
     mask_decoder: Path | None = None  # a vae-oid.npz, carried into the bundle for segmentation
     base: str | None = None  # an adapter's base checkpoint (dir or hub id); default: its adapter_config.json's
+    # the decoder's cache: GROWING (opset 18; every backend) or INPLACE (one buffer, opset 24; ONNX Runtime only
+    # until the TensorRT backend writes it in place)
+    kv_cache: str = GROWING
 
 
 def export_bundle(model: str, output: str | Path, options: ExportOptions = ExportOptions(),
@@ -70,6 +73,8 @@ def export_bundle(model: str, output: str | Path, options: ExportOptions = Expor
         checkpoint = load_adapted(adapter)
     image_tokens = checkpoint.image.num_tokens
     max_seq_len = options.max_seq_len or image_tokens + DEFAULT_TEXT_TOKENS
+    if options.kv_cache not in KV_CACHE_KINDS:
+        raise InputError(f"--kv-cache must be one of {', '.join(KV_CACHE_KINDS)}, got {options.kv_cache!r}")
     if max_seq_len <= image_tokens + 2:
         raise InputError(f"--max-seq-len must exceed the {image_tokens} image tokens plus <bos> and a token of text")
     step("computing PyTorch reference logits for validation" + (" (PEFT model, adapter unmerged)" if adapter else ""))
@@ -77,12 +82,12 @@ def export_bundle(model: str, output: str | Path, options: ExportOptions = Expor
     if adapter is not None:
         step("merging the adapter into the base weights")
         checkpoint = merge_adapter(checkpoint)
-    spec = decoder_spec(checkpoint.model, max_seq_len)
+    spec = decoder_spec(checkpoint.model, max_seq_len, options.kv_cache)
 
     with staged_bundle(output, options.overwrite) as staging:
         step("exporting vision graph (SigLIP + projector)")
         vision = export_vision(checkpoint.model, checkpoint.image, staging / "vision.onnx")
-        step(f"exporting decoder graph ({spec.num_layers} layers, KV cache, prefix-LM mask)")
+        step(f"exporting decoder graph ({spec.num_layers} layers, {spec.kv_cache} KV cache, prefix-LM mask)")
         decoder = export_decoder(checkpoint.model, spec, staging / "decoder.onnx")
         step("writing tied embedding / LM head (stored once)")
         weight = checkpoint.model.model.language_model.embed_tokens.weight.detach().float().numpy()

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..runtime.errors import InputError, first_line
-from ..runtime.bundle.manifest import FULL, SLIDING, DecoderSpec, ImageSpec, TokenIds, read_json_object
+from ..runtime.bundle.manifest import FULL, GROWING, SLIDING, DecoderSpec, ImageSpec, TokenIds, read_json_object
 
 FAMILIES = {"gemma": 1, "gemma2": 2}
 
@@ -87,7 +87,7 @@ def _per_channel(values, name: str) -> tuple[float, float, float]:
     return channels[0], channels[1], channels[2]
 
 
-def decoder_spec(model, max_seq_len: int) -> DecoderSpec:
+def decoder_spec(model, max_seq_len: int, kv_cache: str = GROWING) -> DecoderSpec:
     config = model.config.text_config
     layer_types = getattr(config, "layer_types", None) or [FULL] * config.num_hidden_layers
     sliding_window = getattr(config, "sliding_window", None) if SLIDING in layer_types else None
@@ -102,6 +102,7 @@ def decoder_spec(model, max_seq_len: int) -> DecoderSpec:
         embedding_scale=float(model.model.language_model.embed_tokens.embed_scale),
         layer_types=tuple(layer_types),
         sliding_window=sliding_window,
+        kv_cache=kv_cache,
     )
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..runtime.bundle.manifest import SLIDING, DecoderSpec
+from .cache_ops import add_to_cache
 
 if TYPE_CHECKING:
     from transformers import PaliGemmaForConditionalGeneration
@@ -45,7 +46,9 @@ class DecoderStep(nn.Module):
 
     Inputs: inputs_embeds [b, s, hidden]; attention_mask [b, 1, s, past+s] (bool, True =
     attend); for Gemma 2 also sliding_attention_mask of the same shape; position_ids [b, s];
-    embedding [vocab, hidden] (the tied table); past key/value per layer [b, kv, past, d].
+    embedding [vocab, hidden] (the tied table); past key/value per layer [b, kv, past, d]; for an
+    in-place cache (spec.cache_in_place) past is the whole buffer [b, kv, cache, d], the masks cover it,
+    and write_indices [b] comes last (see export/cache_ops.py).
     Outputs: logits of the last position [b, vocab]; present key/value per layer.
     """
 
@@ -68,6 +71,7 @@ class DecoderStep(nn.Module):
         else:
             sliding_attention_mask = attention_mask
             position_ids, embedding, *past = rest
+        write_indices = past.pop() if self.spec.cache_in_place else None  # the last input (decoder_io)
         hidden = inputs_embeds
         freqs = position_ids[..., None].float() * self.inv_freq
         angles = torch.cat((freqs, freqs), dim=-1)
@@ -78,7 +82,8 @@ class DecoderStep(nn.Module):
             mask = sliding_attention_mask if self.spec.layer_types[index] == SLIDING else attention_mask
             residual = hidden
             attn_out, key, value = self._attention(
-                layer.self_attn, layer.input_layernorm(hidden), cos, sin, mask, past[2 * index], past[2 * index + 1]
+                layer.self_attn, layer.input_layernorm(hidden), cos, sin, mask, past[2 * index], past[2 * index + 1],
+                write_indices,
             )
             presents += [key, value]
             if self.gemma2_norms:
@@ -95,7 +100,7 @@ class DecoderStep(nn.Module):
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return (logits, *presents)
 
-    def _attention(self, attn, x, cos, sin, mask, past_key, past_value):
+    def _attention(self, attn, x, cos, sin, mask, past_key, past_value, write_indices):
         batch, seq, _ = x.shape
         spec = self.spec
         query = attn.q_proj(x).view(batch, seq, spec.num_heads, spec.head_dim).transpose(1, 2)
@@ -103,8 +108,8 @@ class DecoderStep(nn.Module):
         value = attn.v_proj(x).view(batch, seq, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
         query = query * cos + _rotate_half(query) * sin
         key = key * cos + _rotate_half(key) * sin
-        key = torch.cat((past_key, key), dim=2)
-        value = torch.cat((past_value, value), dim=2)
+        key = add_to_cache(past_key, key, write_indices)
+        value = add_to_cache(past_value, value, write_indices)
 
         groups = spec.num_heads // spec.num_kv_heads
         # Grouped heads: [b, kv, groups*s, d] against [b, kv, total, d], no repeat of the cache.

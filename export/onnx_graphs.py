@@ -17,12 +17,13 @@ import torch
 
 from ..runtime.bundle.writer import EXTERNAL_DATA_THRESHOLD
 from ..runtime.errors import PaliGemmaEdgeError, first_line
-from ..runtime.bundle.manifest import DecoderSpec, GraphSpec, ImageSpec, TensorSpec, past_names, present_names
+from ..runtime.bundle.manifest import WRITE_INDICES, DecoderSpec, GraphSpec, ImageSpec, TensorSpec, past_names, present_names
+from .cache_ops import INPLACE_OPSET, ONNX_TRANSLATIONS
 from .graphs import DecoderStep, VisionEncoder
 
 OPSET = 18
 # Sample sizes for tracing: distinct and >= 2 so that no dynamic dim gets specialised.
-SAMPLE_DIMS = {"batch": 2, "seq": 3, "past": 5, "total": 8}
+SAMPLE_DIMS = {"batch": 2, "seq": 3, "past": 5, "total": 8, "cache": 8}
 
 _TORCH_DTYPES = {"float32": torch.float32, "int64": torch.int64, "bool": torch.bool}
 
@@ -38,7 +39,12 @@ def vision_io(image: ImageSpec, hidden_size: int) -> tuple[list[TensorSpec], lis
 
 
 def decoder_io(spec: DecoderSpec) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    mask_dims = ("batch", 1, "seq", "total")
+    """The decoder graph's inputs and outputs for the spec's cache kind: a growing cache takes ``past``
+    positions and returns ``total`` (past + seq); an in-place one takes and returns ``cache`` slots and
+    the slot each row writes at."""
+    in_place = spec.cache_in_place
+    past_dim, total_dim = ("cache", "cache") if in_place else ("past", "total")
+    mask_dims = ("batch", 1, "seq", total_dim)
     inputs = [
         TensorSpec("inputs_embeds", "float32", ("batch", "seq", spec.hidden_size)),
         TensorSpec("attention_mask", "bool", mask_dims),
@@ -52,8 +58,10 @@ def decoder_io(spec: DecoderSpec) -> tuple[list[TensorSpec], list[TensorSpec]]:
     outputs = [TensorSpec("logits", "float32", ("batch", spec.vocab_size))]
     cache_dims = ("batch", spec.num_kv_heads)
     for layer in range(spec.num_layers):
-        inputs += [TensorSpec(n, "float32", (*cache_dims, "past", spec.head_dim)) for n in past_names(layer)]
-        outputs += [TensorSpec(n, "float32", (*cache_dims, "total", spec.head_dim)) for n in present_names(layer)]
+        inputs += [TensorSpec(n, "float32", (*cache_dims, past_dim, spec.head_dim)) for n in past_names(layer)]
+        outputs += [TensorSpec(n, "float32", (*cache_dims, total_dim, spec.head_dim)) for n in present_names(layer)]
+    if in_place:
+        inputs.append(TensorSpec(WRITE_INDICES, "int64", ("batch",)))
     return inputs, outputs
 
 
@@ -89,8 +97,8 @@ def _quiet_exporter():
 
 
 def _finish_graph(path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> None:
-    """Write our symbolic dim names (batch, seq, past, total) over the tracer's s0, s1, ..., and drop
-    the tracer's per-node metadata (source stack traces), which only makes the file larger."""
+    """Write our symbolic dim names (batch, seq, past, total, cache) over the tracer's s0, s1, ..., and
+    drop the tracer's per-node metadata (source stack traces), which only makes the file larger."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
@@ -123,6 +131,7 @@ def export_graph(
     outputs: list[TensorSpec],
     path: Path,
     overrides: dict[str, torch.Tensor] | None = None,
+    opset: int = OPSET,
 ) -> GraphSpec:
     """Export ``module`` to ``path`` (with ``path.data`` external weights when large)."""
     args = [_sample(s, overrides or {}) for s in inputs]
@@ -138,7 +147,7 @@ def export_graph(
             program = torch.onnx.export(
                 module, tuple(args), None, input_names=[s.name for s in inputs],
                 output_names=[s.name for s in outputs], dynamic_shapes=dynamic_shapes,
-                dynamo=True, opset_version=OPSET, verbose=False,
+                dynamo=True, opset_version=opset, verbose=False, custom_translation_table=ONNX_TRANSLATIONS,
             )
             if program is None:  # only the legacy (dynamo=False) exporter returns nothing
                 raise RuntimeError("torch.onnx.export returned no program")
@@ -159,7 +168,9 @@ def export_vision(model, image: ImageSpec, path: Path) -> GraphSpec:
 
 
 def export_decoder(model, spec: DecoderSpec, path: Path) -> GraphSpec:
+    """The decoder graph with the KV cache ``spec.kv_cache`` names (an in-place one needs opset 24)."""
     module = DecoderStep(model, spec).eval()
     inputs, outputs = decoder_io(spec)
     embedding = model.model.language_model.embed_tokens.weight.detach()
-    return export_graph(module, inputs, outputs, path, overrides={"embedding": embedding})
+    opset = INPLACE_OPSET if spec.cache_in_place else OPSET
+    return export_graph(module, inputs, outputs, path, overrides={"embedding": embedding}, opset=opset)

@@ -124,7 +124,7 @@ def validate_bundle(bundle_dir: Path, manifest: Manifest, reference: Reference, 
         if pixel_diff > 1e-5:
             raise ValidationError(f"runtime preprocessing differs from the processor by {pixel_diff:.3g} in pixel values")
         image_embeds = runtime.backend.encode_images(pixels)
-        logits, state = prefill(runtime.backend, manifest.decoder, batch, image_embeds)
+        logits, state = prefill(runtime.backend, manifest.decoder, batch, image_embeds, new_tokens=1)
         prefill_diff = float(np.abs(logits - reference.prefill_logits).max())
         next_token = reference.next_token
         decode_logits = decode_step(runtime.backend, manifest.decoder, state, np.array([next_token]))

@@ -95,6 +95,7 @@ def _cmd_export(args) -> int:
     options = export.ExportOptions(
         max_seq_len=args.max_seq_len, tolerance=args.tolerance, overwrite=args.force,
         mask_decoder=Path(args.mask_decoder) if args.mask_decoder else None, base=args.base,
+        kv_cache=args.kv_cache,
     )
     export.export_bundle(args.model, args.output, options, progress=args.progress)
     return 0
@@ -472,6 +473,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="big_vision's VQ-VAE mask decoder weights, carried into the bundle for segment")
     export.add_argument("--base", metavar="DIR", help="base checkpoint of a PEFT adapter directory (default: the "
                         "base_model_name_or_path in its adapter_config.json)")
+    export.add_argument("--kv-cache", choices=("growing", "inplace"), default="growing",
+                        help="growing (default): each step appends to the cache by copying (opset 18, every "
+                             "backend); inplace: one cache buffer written in place (opset 24, ONNX Runtime "
+                             "backends; not yet the TensorRT ones)")
     export.set_defaults(handler=_cmd_export)
 
     ft = commands.add_parser("finetune", help="fine-tune a checkpoint on a PaliGemma JSONL dataset (LoRA via peft, or --full)")

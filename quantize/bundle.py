@@ -267,7 +267,7 @@ def _smoke_test(bundle: Path, options: QuantizeOptions, activations: str) -> Non
         embeds = model.encode_images(images)
         _check_finite(embeds, "vision", "image embeddings", options, activations)
         batch = model.tokenizer.batch(calibration.DEFAULT_PROMPTS[:2])
-        logits, state = prefill(model.backend, model.manifest.decoder, batch, embeds)
+        logits, state = prefill(model.backend, model.manifest.decoder, batch, embeds, new_tokens=2)
         _check_finite(logits, "decoder", "prefill logits", options, activations)
         for _ in range(2):
             logits = decode_step(model.backend, model.manifest.decoder, state, np.argmax(logits, axis=1))

@@ -171,10 +171,10 @@ def _teacher_forced(reference: PaliGemma, candidate: PaliGemma, image, prompt: s
     for model in (reference, candidate):
         batch = model.tokenizer.batch([prompt])
         embeds = model.encode_images([image])
-        states.append((model, *prefill(model.backend, model.manifest.decoder, batch, embeds)))
+        states.append((model, *prefill(model.backend, model.manifest.decoder, batch, embeds, new_tokens=steps)))
     (ref_model, ref_logits, ref_state), (cand_model, cand_logits, cand_state) = states
     eos = set(ref_model.manifest.tokens.eos)
-    budget = min(steps, ref_model.manifest.decoder.max_seq_len - ref_state.key_valid.shape[1])
+    budget = min(steps, ref_model.manifest.decoder.max_seq_len - ref_state.length)
     for index in range(budget):
         token = int(np.argmax(ref_logits[0]))
         hits += int(np.argmax(cand_logits[0]) == token)

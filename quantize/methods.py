@@ -97,18 +97,25 @@ class _Feeds:
 def int8_static(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], exclude: list[str]
                 ) -> tuple[onnx.ModelProto, dict]:
     """Q/DQ int8 (per-channel weights, calibrated activations): TensorRT's explicit quantization format."""
+    import onnxruntime as ort
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     params = {
         "method": "int8-static-qdq", "weight_type": "int8", "activation_type": "int8", "per_channel": True,
         "calibration": "minmax", "calibration_feeds": len(feeds), "op_types": ["MatMul"],
     }
-    quantized = _with_files(model, lambda src, dst: quantize_static(
-        src, dst, _Feeds(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
-        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-        nodes_to_exclude=exclude, calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True,
-        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
-    ))
+    # The calibrator's own session runs an in-place cache's TensorScatter without shared buffers, which
+    # copies and warns once per call: expected there, so its warnings are off while it runs.
+    ort.set_default_logger_severity(3)
+    try:
+        quantized = _with_files(model, lambda src, dst: quantize_static(
+            src, dst, _Feeds(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+            nodes_to_exclude=exclude, calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True,
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+        ))
+    finally:
+        ort.set_default_logger_severity(2)  # ONNX Runtime's default: warnings
     return quantized, params
 
 

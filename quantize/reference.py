@@ -13,6 +13,7 @@ slow (numpy per node): for checking small models, not for serving.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from onnx.reference.op_run import OpRun
 
 from ..runtime.backends.base import BackendBase
 from ..runtime.backends.embedding import HostEmbedding
-from ..runtime.bundle.manifest import GraphSpec, Manifest, past_names, present_names, read_manifest
+from ..runtime.bundle.manifest import WRITE_INDICES, GraphSpec, Manifest, past_names, present_names, read_manifest
 from ..runtime.model import PaliGemma
 from ..runtime.generation.prompt import PromptTokenizer
 from .fp16 import sort_nodes
@@ -102,7 +103,15 @@ def evaluator(path: Path) -> ReferenceEvaluator:
     return ReferenceEvaluator(sorted_topologically(model), new_ops=CUSTOM_OPS)
 
 
-class ReferenceBackend(BackendBase[dict[str, np.ndarray]]):
+@dataclass
+class ReferenceCache:
+    """Past key/values by input name, and the positions written."""
+
+    values: dict[str, np.ndarray]
+    length: int = 0
+
+
+class ReferenceBackend(BackendBase[ReferenceCache]):
     """The runtime's backend interface over onnx's reference evaluator (CPU, numpy, slow)."""
 
     name = "onnx-reference"
@@ -129,22 +138,26 @@ class ReferenceBackend(BackendBase[dict[str, np.ndarray]]):
     def embed(self, token_ids: np.ndarray) -> np.ndarray:
         return self.host_embedding.lookup(token_ids)
 
-    def new_cache(self, batch: int) -> dict[str, np.ndarray]:
+    def new_cache(self, batch: int, capacity: int) -> ReferenceCache:
         spec = self.manifest.decoder
         dtype = self._dtypes[past_names(0)[0]]
-        empty = np.zeros((batch, spec.num_kv_heads, 0, spec.head_dim), dtype)
-        return {name: empty for layer in range(spec.num_layers) for name in past_names(layer)}
+        empty = np.zeros((batch, spec.num_kv_heads, capacity if spec.cache_in_place else 0, spec.head_dim), dtype)
+        return ReferenceCache({name: empty for layer in range(spec.num_layers) for name in past_names(layer)})
 
-    def step(self, inputs_embeds, masks, position_ids, cache: dict[str, np.ndarray]) -> np.ndarray:
+    def step(self, inputs_embeds, masks, position_ids, cache: ReferenceCache) -> np.ndarray:
         graph: GraphSpec = self.manifest.decoder_graph
+        rows, seq = np.shape(inputs_embeds)[:2]
         feed = {"inputs_embeds": np.asarray(inputs_embeds, self._dtypes["inputs_embeds"]),
-                "position_ids": np.asarray(position_ids, np.int64), **masks, **self._constants, **cache}
+                "position_ids": np.asarray(position_ids, np.int64), **masks, **self._constants, **cache.values}
+        if self.manifest.decoder.cache_in_place:
+            feed[WRITE_INDICES] = np.full(rows, cache.length, np.int64)
         names = graph.output_names()
         with np.errstate(over="ignore", invalid="ignore"):
             outputs = dict(zip(names, run_graph(self._open(self.decoder), feed, names)))
         self.outputs_seen.append({name: bool(np.isfinite(value).all()) for name, value in outputs.items()})
         for present, past in self._routes:
-            cache[past] = outputs[present]
+            cache.values[past] = outputs[present]
+        cache.length += seq
         return outputs[names[0]].astype(np.float32)
 
     def release(self) -> None:

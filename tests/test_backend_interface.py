@@ -207,7 +207,7 @@ def test_a_backend_is_a_context_manager_that_frees_its_sessions_once(bundles):
         assert isinstance(backend, Backend) and isinstance(_typed(backend), Backend)
         assert len(_live_sessions(before)) == 2  # vision and decoder
         assert backend.max_batch is None and backend.max_seq_len is None
-        cache = backend.new_cache(2)
+        cache = backend.new_cache(2, 3)
         logits = backend.step(np.zeros((2, 3, manifest.decoder.hidden_size), np.float32),
                               {t.name: np.ones((2, 1, 3, 3), bool) for t in manifest.decoder_graph.inputs
                                if "mask" in t.name}, np.arange(3)[None].repeat(2, 0), cache)

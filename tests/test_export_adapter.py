@@ -114,7 +114,7 @@ def test_manifest_records_adapter_and_base(adapters, adapter_bundles, checkpoint
     model = (1, 28)
     manifest = read_manifest(adapter_bundles[model])
     record, adapter, base = recorded_adapter(adapter_bundles[model]), adapters[model], checkpoints[model]
-    assert manifest.schema_version == SCHEMA_VERSION == 3
+    assert manifest.schema_version == SCHEMA_VERSION == 4
     assert (record.name, record.peft_type, record.rank, record.alpha) == (adapter.name, "LORA", 4, 8.0)
     assert record.target_modules == tuple(sorted(TARGETS))
     assert record.weights_file == "adapter_model.safetensors"

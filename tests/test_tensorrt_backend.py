@@ -187,7 +187,7 @@ def test_emulated_steps_reach_each_profiles_max_and_stop_past_it(emulated):
         manifest = model.manifest
         # a full-length prompt (prefill's max), then the last position after a prompt of 47 (decode's max past)
         for steps in ([(0, 48)], [(0, 47), (47, 1)]):
-            caches = reference.backend.new_cache(1), model.backend.new_cache(1)
+            caches = reference.backend.new_cache(1, 48), model.backend.new_cache(1, 48)
             for past, seq in steps:
                 inputs = _step_inputs(manifest, past, seq, rng)
                 expected = reference.backend.step(*inputs, caches[0])

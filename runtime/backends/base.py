@@ -72,13 +72,16 @@ class Backend(Protocol[CacheT]):
         """token ids [batch, seq] -> scaled token embeddings [batch, seq, hidden]."""
         ...
 
-    def new_cache(self, batch: int) -> CacheT:
-        """An empty KV cache for ``batch`` rows."""
+    def new_cache(self, batch: int, capacity: int) -> CacheT:
+        """An empty KV cache for ``batch`` rows and up to ``capacity`` positions (an in-place cache is
+        allocated at that size once; a growing one grows to it)."""
         ...
 
     def step(self, inputs_embeds: np.ndarray, masks: dict[str, np.ndarray], position_ids: np.ndarray,
              cache: CacheT) -> np.ndarray:
-        """Run the decoder on new positions; extends ``cache``; returns last-position logits [batch, vocab]."""
+        """Run the decoder on new positions, written into ``cache`` after the positions it holds;
+        returns last-position logits [batch, vocab]. The masks cover the slots the decoder reads: the
+        positions held and the new ones (growing cache) or every slot of the buffer (in-place cache)."""
         ...
 
     def keep_rows(self, cache: CacheT, rows: np.ndarray) -> CacheT:

@@ -1,9 +1,12 @@
 """ONNX Runtime backends: the vision and decoder graphs on the CPU, or on an NVIDIA GPU through
 ONNX Runtime's CUDA or TensorRT execution providers (``onnxruntime-gpu``).
 
-The KV cache lives in ORT-owned buffers on the providers' device: each step's present key/values
-are bound as the next step's past (an IO binding), so neither Python nor the host sees the cache;
-only the logits are bound to host memory. The tied embedding is one memory-mapped array serving
+The KV cache lives in buffers on the providers' device, bound through an IO binding, so neither
+Python nor the host sees it; only the logits are bound to host memory. An in-place decoder
+(``kv_cache: inplace``) gets one zeroed buffer per layer's keys and values for the generation's
+capacity, bound as both past and present: its TensorScatter writes the new positions into it and
+nothing is copied. A growing decoder's present key/values of one step (ORT-owned) are bound as the
+next step's past. The tied embedding is one memory-mapped array serving
 the token lookup and, placed on the device once, the decoder's LM head input (a float table; an
 int8 table is the LM head's own initializer, read by ONNX Runtime from the same files).
 
@@ -28,7 +31,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..errors import BackendUnavailableError, BundleError, InputError, first_line
-from ..bundle.manifest import GraphSpec, Manifest, past_names, present_names
+from ..bundle.manifest import WRITE_INDICES, GraphSpec, Manifest, past_names, present_names
 from .base import BackendBase, SessionHooks, released_on_failure
 from .embedding import HostEmbedding
 
@@ -38,9 +41,14 @@ GPU_INSTALL = ("pip install onnxruntime-gpu (on a Jetson: the JetPack build of o
 
 @dataclass
 class OrtCache:
-    """Past key/values per layer as OrtValues on the cache device, in decoder input order."""
+    """Past key/values per layer as OrtValues on the cache device, in decoder input order.
 
+    ``length``: positions written; ``capacity``: the buffers' slots (in place) or the most positions
+    the generation asked for (growing)."""
+
+    capacity: int
     values: dict[str, ort.OrtValue] = field(default_factory=dict)
+    length: int = 0
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
@@ -51,6 +59,16 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     if threads:
         options.intra_op_num_threads = threads
     return options
+
+
+def disabled_optimizers(graph: GraphSpec) -> list[str]:
+    """ONNX Runtime graph optimizations a graph must be loaded without.
+
+    Q/DQ propagation copies QuantizeLinear nodes across Reshape and Transpose; in an opset 24 graph
+    (an in-place cache's decoder) the copies carry an int8 output_dtype that the later int8 -> uint8
+    zero-point rewrite (QDQS8ToU8, x86) does not update, and ONNX Runtime 1.32 then refuses its own
+    graph. Without the propagation the pairs stay where the quantizer put them."""
+    return ["QDQPropagationTransformer"] if graph.quantization.get("method") == "int8-static-qdq" else []
 
 
 INT8_HEAD_MIN_VERSION = (1, 23)  # 8-bit MatMulNBits on x86-64 and ARM64
@@ -121,7 +139,8 @@ class OnnxRuntimeBackend(BackendBase[OrtCache]):
         path = self._bundle_dir / graph.file
         failure = None
         try:
-            session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+            session = ort.InferenceSession(str(path), sess_options=options, providers=providers,
+                                           disabled_optimizers=disabled_optimizers(graph))
         except Exception as exc:  # ORT raises its own exception types (InvalidProtobuf, Fail, ...)
             failure = first_line(exc)
         if failure is not None:  # raised outside the handler: the error holds no half-made session
@@ -140,19 +159,22 @@ class OnnxRuntimeBackend(BackendBase[OrtCache]):
     def embed(self, token_ids: np.ndarray) -> np.ndarray:
         return self.host_embedding.lookup(token_ids)
 
-    def new_cache(self, batch: int) -> OrtCache:
+    def new_cache(self, batch: int, capacity: int) -> OrtCache:
         spec = self.decoder_spec
+        if capacity > spec.max_seq_len:
+            raise InputError(f"a cache of {capacity} positions exceeds the bundle's max sequence {spec.max_seq_len}")
         dtype = self._input_dtypes[past_names(0)[0]]
-        empty = np.zeros((batch, spec.num_kv_heads, 0, spec.head_dim), dtype=dtype)
-        cache = OrtCache()
+        # zeros, not uninitialised memory: masked slots get zero weight, and 0 * NaN would still be NaN
+        slots = capacity if spec.cache_in_place else 0
+        cache = OrtCache(capacity)
         for layer in range(spec.num_layers):
             for name in past_names(layer):
-                cache.values[name] = self._on_device(empty)
+                cache.values[name] = self._on_device(np.zeros((batch, spec.num_kv_heads, slots, spec.head_dim), dtype))
         return cache
 
     def keep_rows(self, cache: OrtCache, rows: np.ndarray) -> OrtCache:
         """The cache of ``rows`` only: one copy of what they hold, so later steps skip the rows dropped."""
-        kept = OrtCache()
+        kept = OrtCache(cache.capacity, length=cache.length)
         for name, value in cache.values.items():
             kept.values[name] = self._on_device(np.ascontiguousarray(value.numpy()[rows]))
         return kept
@@ -160,11 +182,17 @@ class OnnxRuntimeBackend(BackendBase[OrtCache]):
     def step(self, inputs_embeds: np.ndarray, masks: dict[str, np.ndarray], position_ids: np.ndarray,
              cache: OrtCache) -> np.ndarray:
         embeds_dtype = self._input_dtypes["inputs_embeds"]
+        rows, seq = inputs_embeds.shape[:2]
+        in_place = self.decoder_spec.cache_in_place
+        if cache.length + seq > cache.capacity:
+            raise InputError(f"{cache.length + seq} positions exceed the cache's {cache.capacity}")
         feed = {
             "inputs_embeds": np.ascontiguousarray(inputs_embeds, dtype=embeds_dtype),
             "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64),
             **{name: np.ascontiguousarray(mask) for name, mask in masks.items()},
         }
+        if in_place:
+            feed[WRITE_INDICES] = np.full(rows, cache.length, dtype=np.int64)
         bound = {name: self._on_device(array) for name, array in feed.items()}
         bound.update(self._constant_inputs)
         bound.update(cache.values)
@@ -175,13 +203,18 @@ class OnnxRuntimeBackend(BackendBase[OrtCache]):
             binding.bind_ortvalue_input(name, value)
         logits_name = self._decoder_outputs[0]
         binding.bind_output(logits_name, "cpu")  # only the logits come back to the host
-        for present, _ in self._cache_routes:
-            binding.bind_output(present, self.device)
+        for present, past in self._cache_routes:
+            if in_place:  # the past's own buffer: TensorScatter writes into it
+                binding.bind_ortvalue_output(present, cache.values[past])
+            else:
+                binding.bind_output(present, self.device)
         self.decoder.run_with_iobinding(binding)
+        cache.length += seq
         # get_outputs() follows the order of the bind_output calls
         outputs = dict(zip([logits_name] + [present for present, _ in self._cache_routes], binding.get_outputs()))
-        for present, past in self._cache_routes:
-            cache.values[past] = outputs[present]
+        if not in_place:
+            for present, past in self._cache_routes:
+                cache.values[past] = outputs[present]
         return outputs[logits_name].numpy().astype(np.float32, copy=False)
 
     def end_profiling(self) -> Path:

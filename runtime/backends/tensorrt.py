@@ -96,6 +96,9 @@ class TensorRTBackend(BackendBase[TensorRTCache]):
                  hooks: SessionHooks | None = None):
         del threads  # the GPU does the work
         refuse_hooks(self.name, hooks)
+        if manifest.decoder.cache_in_place:
+            raise InputError(f"the {self.name} backend does not run an in-place KV cache decoder yet: re-export the "
+                             "bundle with 'paligemma-edge export --kv-cache growing' (or use an onnxruntime backend)")
         trt = import_tensorrt(self.flavour)
         record = select_engines(manifest, device_tag(self.flavour, trt.__version__, gpu_description()))
         self._engines: list[_Engine] = []  # what release() drops, as they load
@@ -174,7 +177,7 @@ class TensorRTBackend(BackendBase[TensorRTCache]):
     def embed(self, token_ids: np.ndarray) -> np.ndarray:
         return self.host_embedding.lookup(token_ids)
 
-    def new_cache(self, batch: int) -> TensorRTCache:
+    def new_cache(self, batch: int, capacity: int) -> TensorRTCache:
         if batch > self._batch_limit:
             raise InputError(f"a batch of {batch} exceeds the engines' max batch {self._batch_limit}: "
                              "rebuild with 'paligemma-edge build-engines --max-batch N'")

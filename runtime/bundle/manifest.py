@@ -6,8 +6,9 @@ outputs, the precision, a sha256 of every file, how the export was validated and
 bundle merged from a PEFT adapter, which adapter on which base. Readers reject a schema version
 they do not know and unknown keys, rather than guess.
 
-Schema history: 2 changed the int8 table's layout; 3 added the optional ``adapter`` record. Each
-older manifest is upgraded on read, one version at a time, so old bundles keep loading.
+Schema history: 2 changed the int8 table's layout; 3 added the optional ``adapter`` record; 4 added
+``decoder.kv_cache`` (a schema 3 decoder grows its cache). Each older manifest is upgraded on read, one
+version at a time, so old bundles keep loading.
 """
 
 from __future__ import annotations
@@ -21,11 +22,17 @@ from typing import Any
 
 from ..errors import BundleError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 MANIFEST_NAME = "manifest.json"
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
+
+# How the decoder graph keeps its KV cache (DecoderSpec.kv_cache):
+GROWING = "growing"  # past [b, kv, past, d] in, present [b, kv, past + seq, d] out: each step copies the cache
+INPLACE = "inplace"  # one buffer [b, kv, cache, d] is past and present: new positions written at write_indices
+KV_CACHE_KINDS = (INPLACE, GROWING)
+WRITE_INDICES = "write_indices"  # in-place decoder input [batch] int64: the cache slot of each row's first new position
 
 
 def past_names(layer: int) -> tuple[str, str]:
@@ -79,8 +86,12 @@ class DecoderSpec:
     embedding_scale: float
     layer_types: tuple[str, ...]
     sliding_window: int | None = None
+    kv_cache: str = GROWING  # GROWING or INPLACE: see KV_CACHE_KINDS
 
     def __post_init__(self):
+        if self.kv_cache not in KV_CACHE_KINDS:
+            raise BundleError(f"manifest: decoder.kv_cache must be one of {', '.join(KV_CACHE_KINDS)}, "
+                              f"got {self.kv_cache!r}")
         if len(self.layer_types) != self.num_layers or set(self.layer_types) - {SLIDING, FULL}:
             raise BundleError(f"manifest: decoder.layer_types must name {self.num_layers} layers as {FULL} or {SLIDING}")
         if self.has_sliding_layers and not self.sliding_window:
@@ -89,6 +100,10 @@ class DecoderSpec:
     @property
     def has_sliding_layers(self) -> bool:
         return SLIDING in self.layer_types
+
+    @property
+    def cache_in_place(self) -> bool:
+        return self.kv_cache == INPLACE
 
 
 @dataclass(frozen=True)
@@ -329,6 +344,8 @@ def read_manifest(bundle_dir: Path) -> Manifest:
         data = _from_schema_1(data, path)
     if data.get("schema_version") == 2:
         data = _from_schema_2(data, path)
+    if data.get("schema_version") == 3:
+        data = _from_schema_3(data, path)
     version = data.get("schema_version")
     if version != SCHEMA_VERSION:
         raise BundleError(
@@ -356,6 +373,14 @@ def _from_schema_2(data: dict, path: Path) -> dict:
     if data.get("adapter") is not None:
         raise BundleError(f"{path}: a schema 2 manifest cannot hold an 'adapter' record (that is schema 3)")
     return data | {"schema_version": 3}
+
+
+def _from_schema_3(data: dict, path: Path) -> dict:
+    """Schema 4 added ``decoder.kv_cache``: every schema 3 decoder grows its cache (the default)."""
+    decoder = data.get("decoder")
+    if isinstance(decoder, dict) and decoder.get("kv_cache", GROWING) != GROWING:
+        raise BundleError(f"{path}: a schema 3 decoder grows its cache; decoder.kv_cache {decoder['kv_cache']!r} is schema 4")
+    return data | {"schema_version": 4}
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

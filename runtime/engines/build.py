@@ -179,6 +179,9 @@ def build_engines(bundle: str | Path, options: EngineOptions = EngineOptions(),
     if not bundle.is_dir():
         raise BundleError(f"{bundle}: no such bundle directory")
     manifest = read_manifest(bundle)
+    if manifest.decoder.cache_in_place:
+        raise InputError(f"{bundle}: engines are not built for an in-place KV cache decoder yet; re-export the "
+                         "bundle with 'paligemma-edge export --kv-cache growing'")
     check_tensorrt_takes(bundle, manifest)
     max_seq_len = options.max_seq_len or manifest.decoder.max_seq_len
     if max_seq_len > manifest.decoder.max_seq_len:

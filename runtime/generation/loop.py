@@ -2,6 +2,11 @@
 
 ``generate_steps`` is a generator that yields the tokens of each step as they are chosen;
 callers (batch generation, streaming, the CLI) build on it and time it from outside.
+
+The masks cover every cache slot the decoder reads: for a growing cache the slots written so far
+and the new ones; for an in-place cache (DecoderSpec.cache_in_place) the whole buffer, whose slots
+not written yet are masked out like left padding. The buffer holds the prompt and the most tokens
+any row of the batch may still generate.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import numpy as np
 
 from ..backends.base import Backend
 from ..bundle.manifest import DecoderSpec
+from ..errors import InputError
 from .attention_masks import attention_mask
 from .prompt import PromptBatch
 from .sampling import GenerationOptions, Sampler
@@ -23,9 +29,10 @@ class DecodeState:
     """What the loop carries between decoder calls, besides the backend's KV cache."""
 
     cache: Any
-    key_valid: np.ndarray  # [batch, cache slots] False on left padding
+    key_valid: np.ndarray  # [batch, cache slots the masks cover] False on left padding and unwritten slots
     prefix_len: int  # cache slots of the prompt block
     next_positions: np.ndarray  # [batch] position id of the next token
+    length: int  # cache slots written
 
 
 @dataclass(frozen=True)
@@ -45,15 +52,24 @@ def _masks(spec: DecoderSpec, key_valid: np.ndarray, prefix_len: int, q_start: i
     return masks
 
 
-def prefill(backend: Backend, spec: DecoderSpec, batch: PromptBatch, image_embeds: np.ndarray):
-    """Run the whole prompt block; returns last-position logits and the decode state."""
+def prefill(backend: Backend, spec: DecoderSpec, batch: PromptBatch, image_embeds: np.ndarray,
+            new_tokens: int | None = None):
+    """Run the whole prompt block; returns last-position logits and the decode state.
+
+    ``new_tokens``: the most decode steps that will follow (an in-place cache is sized for them);
+    None: as many as the bundle's max sequence leaves room for."""
     text_ids = np.where(batch.image_positions, 0, batch.input_ids)
     embeds = backend.embed(text_ids)
     embeds[batch.image_positions] = image_embeds.reshape(-1, embeds.shape[-1])
     rows, width = batch.input_ids.shape
+    capacity = max(width, spec.max_seq_len if new_tokens is None else min(spec.max_seq_len, width + new_tokens))
+    key_valid = batch.valid.copy()
+    if spec.cache_in_place:
+        key_valid = np.zeros((rows, capacity), dtype=bool)
+        key_valid[:, :width] = batch.valid
     state = DecodeState(
-        cache=backend.new_cache(rows), key_valid=batch.valid.copy(), prefix_len=width,
-        next_positions=batch.position_ids[:, -1] + 1,
+        cache=backend.new_cache(rows, capacity), key_valid=key_valid, prefix_len=width,
+        next_positions=batch.position_ids[:, -1] + 1, length=width,
     )
     logits = backend.step(embeds, _masks(spec, state.key_valid, width, 0, width), batch.position_ids, state.cache)
     return logits, state
@@ -61,11 +77,17 @@ def prefill(backend: Backend, spec: DecoderSpec, batch: PromptBatch, image_embed
 
 def decode_step(backend: Backend, spec: DecoderSpec, state: DecodeState, tokens: np.ndarray) -> np.ndarray:
     """Feed one token per row; returns the logits for the following token."""
-    slot = state.key_valid.shape[1]
-    state.key_valid = np.concatenate([state.key_valid, np.ones((len(tokens), 1), dtype=bool)], axis=1)
+    slot = state.length
+    if spec.cache_in_place:
+        if slot >= state.key_valid.shape[1]:
+            raise InputError(f"the KV cache holds {slot} positions and is full: prefill with a larger new_tokens")
+        state.key_valid[:, slot] = True
+    else:
+        state.key_valid = np.concatenate([state.key_valid, np.ones((len(tokens), 1), dtype=bool)], axis=1)
     masks = _masks(spec, state.key_valid, state.prefix_len, slot, 1)
     logits = backend.step(backend.embed(tokens[:, None]), masks, state.next_positions[:, None], state.cache)
     state.next_positions = state.next_positions + 1
+    state.length += 1
     return logits
 
 
@@ -99,7 +121,7 @@ def generate_steps(
     room = max(0, spec.max_seq_len - width)
     budgets = np.array([min(sampler.max_new_tokens(row), room) for row in range(rows)])
     stops_at_eos = np.array([sampler.stops_at_eos(row) for row in range(rows)])
-    logits, state = prefill(backend, spec, batch, image_embeds)
+    logits, state = prefill(backend, spec, batch, image_embeds, new_tokens=int(budgets.max(initial=0)))
     can_drop = backend.can_drop_rows
     in_cache = np.arange(rows)  # the batch rows the cache holds, in its order
     finished = budgets == 0

@@ -1,0 +1,131 @@
+"""Growing against in-place KV cache, at 224, 448 and 896 px, in one run (issue 18's tables).
+
+    python -m paligemma_edge.benchmarks.kv_cache [--model mid] [--sizes 224,448,896] [--precision int8]
+        [--runs 2] [--new-tokens 32] [--workdir build/bench-kv] [--out benchmarks/results/kv_cache]
+
+For each size the preset (``mid`` -> ``mid``, ``mid-448``, ``mid-896``) is built once, exported with each
+cache kind and quantized to the precision; then each bundle is measured by the benchmarks' worker in a
+process of its own (so its peak RSS is its own), the sizes one after the other, both kinds of a size
+back to back. Writes OUT.json and OUT.md (one table: per size and kind, vision / prefill / TTFT ms,
+decode tok/s, peak RSS MB, and the in-place / growing ratios).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from ..runtime.bundle.manifest import GROWING, INPLACE, read_manifest
+from ..runtime.errors import BundleError
+from .harness import _cli, _worker, machine_info, memory_bandwidth_gbs
+from .models import MODELS, build_model
+
+KINDS = (GROWING, INPLACE)
+
+
+def _preset(model: str, size: int) -> str:
+    """The preset of ``model`` (a 224 px one) at ``size``: mid -> mid-448, paligemma2-3b-224 -> paligemma2-3b-448."""
+    if size == MODELS[model].spec.image_size:
+        return model
+    name = model.removesuffix("-224") + f"-{size}"
+    if name not in MODELS:
+        raise SystemExit(f"kv_cache: no preset {name} in benchmarks/models.py")
+    return name
+
+
+def _ready(bundle: Path, precision: str, kind: str) -> bool:
+    try:
+        manifest = read_manifest(bundle)
+    except BundleError:
+        return False
+    return manifest.precision == precision and manifest.decoder.kv_cache == kind
+
+
+def prepare(preset: str, precision: str, workdir: Path, log) -> dict[str, Path]:
+    """One bundle per cache kind at ``precision`` (kept in ``workdir`` and reused)."""
+    checkpoint = build_model(preset, workdir)
+    bundles = {}
+    for kind in KINDS:
+        fp32 = workdir / f"{preset}-fp32-{kind}"
+        target = fp32 if precision == "fp32" else workdir / f"{preset}-{precision}-{kind}"
+        if not _ready(fp32, "fp32", kind):
+            log(f"exporting {preset} ({kind} cache)")
+            _cli(["export", str(checkpoint), "-o", str(fp32), "--kv-cache", kind, "--force"])
+        if not _ready(target, precision, kind):
+            log(f"quantizing {preset} ({kind} cache) to {precision}")
+            _cli(["quantize", str(fp32), "--precision", precision, "-o", str(target), "--force"])
+        bundles[kind] = target
+    return bundles
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"{report['model']} {report['precision']}, {report['runs']} runs, {report['new_tokens']} new tokens, "
+        f"{report['machine']['cpu']} ({report['machine']['cores']} cores)", "",
+        "| size | cache | positions | vision ms | prefill ms | TTFT ms | decode tok/s | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["rows"]:
+        lines.append(f"| {row['size']} px | {row['kv_cache']} | {row['prompt_tokens']:,} | {row['vision_ms']:,.0f} | "
+                     f"{row['prefill_ms']:,.0f} | {row['ttft_ms']:,.0f} | {row['decode_tokens_per_s']:.1f} | "
+                     f"{row['peak_rss_mb']:,.0f} |")
+    lines += ["", "| size | decode in-place / growing | peak RSS in-place / growing | prefill in-place / growing |",
+              "|---|---|---|---|"]
+    for size, ratio in report["ratios"].items():
+        lines.append(f"| {size} px | {ratio['decode']:.2f}x | {ratio['peak_rss']:.2f}x | {ratio['prefill']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="mid", choices=[n for n, m in MODELS.items() if m.spec.image_size == 224])
+    parser.add_argument("--sizes", default="224,448,896")
+    parser.add_argument("--precision", default="int8", choices=("fp32", "fp16", "int8", "int4"))
+    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--workdir", default="build/bench-kv")
+    parser.add_argument("--out", default="benchmarks/results/kv_cache")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - started:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    prepared = {size: prepare(_preset(args.model, size), args.precision, workdir, log) for size in sizes}
+    threads = args.threads or os.cpu_count() or 1
+    rows, ratios = [], {}
+    for size, bundles in prepared.items():
+        measured = {}
+        for kind, bundle in bundles.items():
+            log(f"measuring {bundle.name}")
+            worker_args = ["runtime", str(bundle), "--runs", str(args.runs), "--new-tokens", str(args.new_tokens),
+                           "--threads", str(threads)]
+            measured[kind] = _worker(worker_args) | {"size": size, "kv_cache": kind, "bundle": str(bundle)}
+            rows.append(measured[kind])
+        grow, place = measured[GROWING], measured[INPLACE]
+        ratios[str(size)] = {
+            "decode": place["decode_tokens_per_s"] / grow["decode_tokens_per_s"],
+            "peak_rss": place["peak_rss_mb"] / grow["peak_rss_mb"], "prefill": place["prefill_ms"] / grow["prefill_ms"],
+        }
+    report = {"model": args.model, "precision": args.precision, "runs": args.runs, "new_tokens": args.new_tokens,
+              "threads": threads, "machine": machine_info(memory_bandwidth_gbs(threads)), "rows": rows,
+              "ratios": ratios}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+    log(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
