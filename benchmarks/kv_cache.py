@@ -1,13 +1,15 @@
-"""Growing against in-place KV cache, at 224, 448 and 896 px, in one run (issue 18's tables).
+"""Growing against in-place KV cache, with and without attention in chunks, at 224, 448 and 896 px (issue 18).
 
     python -m paligemma_edge.benchmarks.kv_cache [--model mid] [--sizes 224,448,896] [--precision int8]
         [--runs 2] [--new-tokens 32] [--workdir build/bench-kv] [--out benchmarks/results/kv_cache]
 
-For each size the preset (``mid`` -> ``mid``, ``mid-448``, ``mid-896``) is built once, exported with each
-cache kind and quantized to the precision; then each bundle is measured by the benchmarks' worker in a
-process of its own (so its peak RSS is its own), the sizes one after the other, both kinds of a size
-back to back. Writes OUT.json and OUT.md (one table: per size and kind, vision / prefill / TTFT ms,
-decode tok/s, peak RSS MB, and the in-place / growing ratios).
+Four bundles per size, from ``export --kv-cache growing|inplace`` with ``--attention-chunk 0`` (every
+layer's attention scores at once, as before issue 18) or its default (query chunks). The growing cache
+without chunks is the baseline the ratios are taken against. For each size the preset (``mid`` -> ``mid``,
+``mid-448``, ``mid-896``) is built once, exported as each variant and quantized to the precision; then
+each bundle is measured by the benchmarks' worker in a process of its own (so its peak RSS is its own),
+the sizes one after the other, the variants of a size back to back. Writes OUT.json and OUT.md (per size
+and variant: vision / prefill / TTFT ms, decode tok/s, peak RSS MB, and the ratios to the baseline).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..runtime.bundle.manifest import GROWING, INPLACE, read_manifest
@@ -24,7 +27,17 @@ from ..runtime.errors import BundleError
 from .harness import _cli, _worker, machine_info, memory_bandwidth_gbs
 from .models import MODELS, build_model
 
-KINDS = (GROWING, INPLACE)
+
+@dataclass(frozen=True)
+class Variant:
+    name: str  # in the bundle's directory name and the tables
+    kv_cache: str
+    attention_chunk: int | None  # export --attention-chunk (None: its default)
+
+
+BEFORE = Variant("growing-unchunked", GROWING, 0)
+VARIANTS = (BEFORE, Variant("growing", GROWING, None), Variant("inplace-unchunked", INPLACE, 0),
+            Variant("inplace", INPLACE, None))
 
 
 def _preset(model: str, size: int) -> str:
@@ -45,20 +58,21 @@ def _ready(bundle: Path, precision: str, kind: str) -> bool:
     return manifest.precision == precision and manifest.decoder.kv_cache == kind
 
 
-def prepare(preset: str, precision: str, workdir: Path, log) -> dict[str, Path]:
-    """One bundle per cache kind at ``precision`` (kept in ``workdir`` and reused)."""
+def prepare(preset: str, precision: str, workdir: Path, log) -> dict[Variant, Path]:
+    """One bundle per variant at ``precision`` (kept in ``workdir`` and reused)."""
     checkpoint = build_model(preset, workdir)
     bundles = {}
-    for kind in KINDS:
-        fp32 = workdir / f"{preset}-fp32-{kind}"
-        target = fp32 if precision == "fp32" else workdir / f"{preset}-{precision}-{kind}"
-        if not _ready(fp32, "fp32", kind):
-            log(f"exporting {preset} ({kind} cache)")
-            _cli(["export", str(checkpoint), "-o", str(fp32), "--kv-cache", kind, "--force"])
-        if not _ready(target, precision, kind):
-            log(f"quantizing {preset} ({kind} cache) to {precision}")
+    for variant in VARIANTS:
+        fp32 = workdir / f"{preset}-fp32-{variant.name}"
+        target = fp32 if precision == "fp32" else workdir / f"{preset}-{precision}-{variant.name}"
+        if not _ready(fp32, "fp32", variant.kv_cache):
+            log(f"exporting {preset} ({variant.name})")
+            chunk = [] if variant.attention_chunk is None else ["--attention-chunk", str(variant.attention_chunk)]
+            _cli(["export", str(checkpoint), "-o", str(fp32), "--kv-cache", variant.kv_cache, *chunk, "--force"])
+        if not _ready(target, precision, variant.kv_cache):
+            log(f"quantizing {preset} ({variant.name}) to {precision}")
             _cli(["quantize", str(fp32), "--precision", precision, "-o", str(target), "--force"])
-        bundles[kind] = target
+        bundles[variant] = target
     return bundles
 
 
@@ -66,17 +80,19 @@ def markdown(report: dict) -> str:
     lines = [
         f"{report['model']} {report['precision']}, {report['runs']} runs, {report['new_tokens']} new tokens, "
         f"{report['machine']['cpu']} ({report['machine']['cores']} cores)", "",
-        "| size | cache | positions | vision ms | prefill ms | TTFT ms | decode tok/s | peak RSS MB |",
+        "| size | decoder | positions | vision ms | prefill ms | TTFT ms | decode tok/s | peak RSS MB |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in report["rows"]:
-        lines.append(f"| {row['size']} px | {row['kv_cache']} | {row['prompt_tokens']:,} | {row['vision_ms']:,.0f} | "
+        lines.append(f"| {row['size']} px | {row['variant']} | {row['prompt_tokens']:,} | {row['vision_ms']:,.0f} | "
                      f"{row['prefill_ms']:,.0f} | {row['ttft_ms']:,.0f} | {row['decode_tokens_per_s']:.1f} | "
                      f"{row['peak_rss_mb']:,.0f} |")
-    lines += ["", "| size | decode in-place / growing | peak RSS in-place / growing | prefill in-place / growing |",
-              "|---|---|---|---|"]
-    for size, ratio in report["ratios"].items():
-        lines.append(f"| {size} px | {ratio['decode']:.2f}x | {ratio['peak_rss']:.2f}x | {ratio['prefill']:.2f}x |")
+    lines += ["", f"| size | decoder | decode / {BEFORE.name} | peak RSS / {BEFORE.name} | prefill / {BEFORE.name} |",
+              "|---|---|---|---|---|"]
+    for size, variants in report["ratios"].items():
+        for name, ratio in variants.items():
+            lines.append(f"| {size} px | {name} | {ratio['decode']:.2f}x | {ratio['peak_rss']:.2f}x | "
+                         f"{ratio['prefill']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -104,16 +120,19 @@ def main(argv: list[str] | None = None) -> int:
     rows, ratios = [], {}
     for size, bundles in prepared.items():
         measured = {}
-        for kind, bundle in bundles.items():
+        for variant, bundle in bundles.items():
             log(f"measuring {bundle.name}")
             worker_args = ["runtime", str(bundle), "--runs", str(args.runs), "--new-tokens", str(args.new_tokens),
                            "--threads", str(threads)]
-            measured[kind] = _worker(worker_args) | {"size": size, "kv_cache": kind, "bundle": str(bundle)}
-            rows.append(measured[kind])
-        grow, place = measured[GROWING], measured[INPLACE]
+            measured[variant] = _worker(worker_args) | {"size": size, "variant": variant.name,
+                                                        "kv_cache": variant.kv_cache, "bundle": str(bundle)}
+            rows.append(measured[variant])
+        before = measured[BEFORE]
         ratios[str(size)] = {
-            "decode": place["decode_tokens_per_s"] / grow["decode_tokens_per_s"],
-            "peak_rss": place["peak_rss_mb"] / grow["peak_rss_mb"], "prefill": place["prefill_ms"] / grow["prefill_ms"],
+            variant.name: {"decode": row["decode_tokens_per_s"] / before["decode_tokens_per_s"],
+                           "peak_rss": row["peak_rss_mb"] / before["peak_rss_mb"],
+                           "prefill": row["prefill_ms"] / before["prefill_ms"]}
+            for variant, row in measured.items() if variant != BEFORE
         }
     report = {"model": args.model, "precision": args.precision, "runs": args.runs, "new_tokens": args.new_tokens,
               "threads": threads, "machine": machine_info(memory_bandwidth_gbs(threads)), "rows": rows,

@@ -40,9 +40,12 @@ class ExportOptions:
     overwrite: bool = False
     mask_decoder: Path | None = None  # a vae-oid.npz, carried into the bundle for segmentation
     base: str | None = None  # an adapter's base checkpoint (dir or hub id); default: its adapter_config.json's
-    # the decoder's cache: GROWING (opset 18; every backend) or INPLACE (one buffer, opset 24; ONNX Runtime only
-    # until the TensorRT backend writes it in place)
+    # the decoder's cache: GROWING (opset 18; every backend) or INPLACE (one buffer, opset 24; ONNX Runtime, and
+    # TensorRT 10.15+ / TensorRT for RTX 1.7+)
     kv_cache: str = GROWING
+    # query rows per attention chunk in the vision and decoder graphs; None: export/attention.py's QUERY_CHUNK,
+    # 0: no chunks (every score of a layer at once)
+    attention_chunk: int | None = None
 
 
 def export_bundle(model: str, output: str | Path, options: ExportOptions = ExportOptions(),
@@ -75,6 +78,8 @@ def export_bundle(model: str, output: str | Path, options: ExportOptions = Expor
     max_seq_len = options.max_seq_len or image_tokens + DEFAULT_TEXT_TOKENS
     if options.kv_cache not in KV_CACHE_KINDS:
         raise InputError(f"--kv-cache must be one of {', '.join(KV_CACHE_KINDS)}, got {options.kv_cache!r}")
+    if options.attention_chunk is not None and options.attention_chunk < 0:
+        raise InputError(f"--attention-chunk must be 0 (no chunks) or a number of query rows, got {options.attention_chunk}")
     if max_seq_len <= image_tokens + 2:
         raise InputError(f"--max-seq-len must exceed the {image_tokens} image tokens plus <bos> and a token of text")
     step("computing PyTorch reference logits for validation" + (" (PEFT model, adapter unmerged)" if adapter else ""))
@@ -86,9 +91,9 @@ def export_bundle(model: str, output: str | Path, options: ExportOptions = Expor
 
     with staged_bundle(output, options.overwrite) as staging:
         step("exporting vision graph (SigLIP + projector)")
-        vision = export_vision(checkpoint.model, checkpoint.image, staging / "vision.onnx")
+        vision = export_vision(checkpoint.model, checkpoint.image, staging / "vision.onnx", options.attention_chunk)
         step(f"exporting decoder graph ({spec.num_layers} layers, {spec.kv_cache} KV cache, prefix-LM mask)")
-        decoder = export_decoder(checkpoint.model, spec, staging / "decoder.onnx")
+        decoder = export_decoder(checkpoint.model, spec, staging / "decoder.onnx", options.attention_chunk)
         step("writing tied embedding / LM head (stored once)")
         weight = checkpoint.model.model.language_model.embed_tokens.weight.detach().float().numpy()
         np.save(staging / "embedding.npy", weight)

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..runtime.bundle.manifest import SLIDING, DecoderSpec
 from .cache_ops import add_to_cache
+from .attention import QUERY_CHUNK, attention_implementation, chunked_grouped_attention, vision_attention_name
 
 if TYPE_CHECKING:
     from transformers import PaliGemmaForConditionalGeneration
@@ -24,16 +25,21 @@ class VisionEncoder(nn.Module):
     """pixel_values [batch, 3, H, W] -> image embeddings [batch, tokens, text hidden].
 
     The output is what the decoder consumes at the image-token positions: the
-    projector's output, without the text embedding scale.
+    projector's output, without the text embedding scale. The tower's attention runs in
+    chunks of ``query_chunk`` image tokens (see export/attention.py), selected on the
+    vision config only while this module's forward runs.
     """
 
-    def __init__(self, model: PaliGemmaForConditionalGeneration):
+    def __init__(self, model: PaliGemmaForConditionalGeneration, query_chunk: int = QUERY_CHUNK):
         super().__init__()
         self.tower = model.model.vision_tower
         self.projector = model.model.multi_modal_projector
+        self.vision_config = model.config.vision_config
+        self.attention = vision_attention_name(query_chunk)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.projector(self.tower(pixel_values).last_hidden_state)
+        with attention_implementation(self.vision_config, self.attention):
+            return self.projector(self.tower(pixel_values).last_hidden_state)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -50,10 +56,13 @@ class DecoderStep(nn.Module):
     in-place cache (spec.cache_in_place) past is the whole buffer [b, kv, cache, d], the masks cover it,
     and write_indices [b] comes last (see export/cache_ops.py).
     Outputs: logits of the last position [b, vocab]; present key/value per layer.
+    The attention runs over chunks of ``query_chunk`` query rows, enough of them to cover
+    spec.max_seq_len (see export/attention.py); a decode step (seq = 1) fills the first chunk.
     """
 
-    def __init__(self, model: PaliGemmaForConditionalGeneration, spec: DecoderSpec):
+    def __init__(self, model: PaliGemmaForConditionalGeneration, spec: DecoderSpec, query_chunk: int = QUERY_CHUNK):
         super().__init__()
+        self.query_chunk = query_chunk
         language_model = model.model.language_model
         text_config = model.config.text_config
         self.spec = spec
@@ -111,15 +120,7 @@ class DecoderStep(nn.Module):
         key = add_to_cache(past_key, key, write_indices)
         value = add_to_cache(past_value, value, write_indices)
 
-        groups = spec.num_heads // spec.num_kv_heads
-        # Grouped heads: [b, kv, groups*s, d] against [b, kv, total, d], no repeat of the cache.
-        grouped_query = query.reshape(batch, spec.num_kv_heads, groups * seq, spec.head_dim)
-        scores = torch.matmul(grouped_query, key.transpose(2, 3)) * attn.scaling
-        if self.attn_softcap is not None:
-            scores = torch.tanh(scores / self.attn_softcap) * self.attn_softcap
-        scores = scores.view(batch, spec.num_kv_heads, groups, seq, -1)
-        scores = torch.where(mask.unsqueeze(1), scores, torch.finfo(scores.dtype).min)
-        probs = torch.softmax(scores.float(), dim=-1).to(value.dtype)
-        out = torch.matmul(probs.view(batch, spec.num_kv_heads, groups * seq, -1), value)
-        out = out.view(batch, spec.num_heads, seq, spec.head_dim).transpose(1, 2).reshape(batch, seq, -1)
+        out = chunked_grouped_attention(query, key, value, mask, attn.scaling, self.attn_softcap, spec.num_kv_heads,
+                                        spec.max_seq_len, self.query_chunk)
+        out = out.transpose(1, 2).reshape(batch, seq, -1)
         return attn.o_proj(out), key, value

@@ -95,7 +95,7 @@ def _cmd_export(args) -> int:
     options = export.ExportOptions(
         max_seq_len=args.max_seq_len, tolerance=args.tolerance, overwrite=args.force,
         mask_decoder=Path(args.mask_decoder) if args.mask_decoder else None, base=args.base,
-        kv_cache=args.kv_cache,
+        kv_cache=args.kv_cache, attention_chunk=args.attention_chunk,
     )
     export.export_bundle(args.model, args.output, options, progress=args.progress)
     return 0
@@ -475,8 +475,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "base_model_name_or_path in its adapter_config.json)")
     export.add_argument("--kv-cache", choices=("growing", "inplace"), default="growing",
                         help="growing (default): each step appends to the cache by copying (opset 18, every "
-                             "backend); inplace: one cache buffer written in place (opset 24, ONNX Runtime "
-                             "backends; not yet the TensorRT ones)")
+                             "backend); inplace: one cache buffer written in place (opset 24: ONNX Runtime, "
+                             "TensorRT 10.15+, TensorRT for RTX 1.7+)")
+    export.add_argument("--attention-chunk", type=int, metavar="N",
+                        help="query rows per attention chunk in the vision and decoder graphs, so a layer holds "
+                             "one chunk's scores at a time (default 512; 0: no chunks, every score of a "
+                             "layer at once)")
     export.set_defaults(handler=_cmd_export)
 
     ft = commands.add_parser("finetune", help="fine-tune a checkpoint on a PaliGemma JSONL dataset (LoRA via peft, or --full)")

@@ -24,8 +24,8 @@ EXTRA_MODULES = {
     "bench": ("matplotlib",),
     "eval": ("pycocotools", "rapidfuzz", "sacrebleu"),
     "finetune": ("peft",),
-    "tensorrt-rtx": ("tensorrt_rtx_bindings", "tensorrt_rtx_libs"),
-    "gpu": ("cuda",),
+    "tensorrt-rtx": ("tensorrt_rtx_bindings", "tensorrt_rtx_libs", "onnx"),
+    "gpu": ("cuda", "onnx"),
 }
 
 

@@ -65,6 +65,27 @@ def bundles(checkpoints, workdir) -> dict[tuple[int, int], Path]:
 
 
 @pytest.fixture(scope="session")
+def kv_bundle(bundles, checkpoints, workdir):
+    """(model, KV cache kind) -> an fp32 bundle with that cache (``export --kv-cache``): ``bundles``' where
+    export's default made it, else the same checkpoint exported with that kind, once per session."""
+    from paligemma_edge.runtime.bundle.manifest import read_manifest
+
+    made: dict[tuple[tuple[int, int], str], Path] = {}
+
+    def get(model: tuple[int, int], kind: str) -> Path:
+        if read_manifest(bundles[model]).decoder.kv_cache == kind:
+            return bundles[model]
+        if (model, kind) not in made:
+            bundle = workdir / f"{model_id(model)}-{kind}-bundle"
+            run_cli("export", str(checkpoints[model]), "--output", str(bundle), "--max-seq-len", str(MAX_SEQ_LEN),
+                    "--kv-cache", kind, check=True)
+            made[model, kind] = bundle
+        return made[model, kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def images(workdir) -> list[Path]:
     """Three test pictures of different sizes and modes."""
     rng = np.random.default_rng(7)
@@ -95,14 +116,19 @@ class Reference:
         inputs.pop("labels", None)
         return inputs
 
+    @property
+    def eos_ids(self) -> list[int]:
+        """The ids generate stops at unless told others (the checkpoint's generation config)."""
+        configured = self.model.generation_config.eos_token_id
+        return configured if isinstance(configured, list) else [configured]
+
     def generate(self, images: list, prompts: list[str], max_new_tokens: int, eos: list[int] | None = None):
         """Greedy generated ids per prompt, cut after the first eos (which is kept)."""
         inputs = self.inputs(images, prompts)
         kwargs = {"eos_token_id": eos} if eos is not None else {}
         with self.torch.no_grad():
             out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
-        configured = self.model.generation_config.eos_token_id
-        eos_ids = set(eos if eos is not None else configured if isinstance(configured, list) else [configured])
+        eos_ids = set(eos if eos is not None else self.eos_ids)
         rows = []
         for row in out[:, inputs["input_ids"].shape[1]:].tolist():
             cut = next((i for i, t in enumerate(row) if t in eos_ids), None)

@@ -1,13 +1,13 @@
 """A CPU stand-in for TensorRT's runtime and CUDA memory, to check the TensorRT backend's bookkeeping.
 
 Running an engine needs a GPU. What the backend itself decides (which buffer each tensor is bound
-to, the shapes it declares per optimization profile, the two KV-cache banks, what crosses between
+to, the shapes it declares per optimization profile, the KV-cache banks, what crosses between
 host and device) can be checked without one: this module plays TensorRT's part the way TensorRT
 documents it and the CUDA runtime's part with host memory.
 
 - :class:`EmulatedCuda` replaces ``runtime.cuda.Cuda``: allocations are host byte arrays at made-up
-  addresses; every allocation and copy is counted, and whether the backend closed it (freed every
-  buffer and destroyed the stream).
+  addresses; every allocation, copy and memset is counted, and whether the backend closed it (freed
+  every buffer and destroyed the stream).
 - :class:`EmulatedTensorRT` replaces the ``tensorrt`` module. ``deserialize_cuda_engine`` accepts
   only the engine files a bundle's manifest records (built for real by TensorRT for RTX) and runs
   each with ONNX Runtime on its source graph. An execution context holds its profile, the input
@@ -15,11 +15,15 @@ documents it and the CUDA runtime's part with host memory.
   shape outside the profile's min..max (False, as TensorRT returns); ``execute_async_v3`` reads the
   inputs at their addresses with the declared shapes, writes the outputs at theirs, and fails on an
   input without a shape or address, on a tensor that does not fit the allocation it points into,
-  or on an output that overlaps an input or another output (on a GPU, silent corruption).
+  or on an output that overlaps an input or another output (on a GPU, silent corruption). One overlap
+  is the rule, not a mistake: an output the graph's TensorScatter makes from a past input (an
+  in-place KV cache, TensorRT's KV-cache update layer) must lie at that past's address with its
+  shape, since the layer writes only the new positions into its input's memory; every other
+  overlap, and such an output anywhere else, fails.
 
 :class:`Faults` makes the emulated GPU misbehave on purpose (memory handed out twice, a profile
-selection that does not take, memory that runs out), to show the emulation catches what follows and
-the backend cleans up after a load that fails half-way.
+selection that does not take, memory that runs out, memory that holds NaNs until written), to show
+the emulation catches what follows and the backend cleans up after a load that fails half-way.
 
 Not modelled: the numbers are ONNX Runtime's, not TensorRT's (only the GPU tests measure engine
 numerics); copies and execution are synchronous, so a missing stream synchronization cannot show;
@@ -52,6 +56,7 @@ class Faults:
     reused_sizes: bool = False  # cudaMalloc hands a request of a size it served before that same block again
     profiles_ignored: bool = False  # set_optimization_profile_async succeeds and leaves the context on profile 0
     mallocs_before_oom: int | None = None  # cudaMalloc fails (out of memory) after this many allocations
+    dirty_memory: bool = False  # cudaMalloc hands out bytes 0xFF (NaN in float16 and float32), not zeros
 
 
 class EmulatedCuda:
@@ -69,6 +74,7 @@ class EmulatedCuda:
         self.closed = False  # every buffer freed and the stream destroyed
         self.uploads: list[tuple[int, int]] = []  # (address, bytes)
         self.downloads: list[tuple[int, int]] = []
+        self.zeroed: list[tuple[int, int]] = []
 
     def malloc(self, nbytes: int) -> int:
         if self.faults.mallocs_before_oom is not None and self.mallocs >= self.faults.mallocs_before_oom:
@@ -77,7 +83,7 @@ class EmulatedCuda:
             self.mallocs += 1
             return self._by_size[nbytes]
         address = self._next
-        self._memory[address] = np.zeros(max(1, nbytes), np.uint8)
+        self._memory[address] = np.full(max(1, nbytes), 0xFF if self.faults.dirty_memory else 0, np.uint8)
         bisect.insort(self._starts, address)
         self._by_size.setdefault(nbytes, address)
         self._next += max(1, nbytes) + 4096
@@ -108,6 +114,10 @@ class EmulatedCuda:
         array = np.ascontiguousarray(array)
         self.region(pointer, array.nbytes)[:] = array.reshape(-1).view(np.uint8)
         self.uploads.append((pointer, array.nbytes))
+
+    def zero(self, pointer: int, nbytes: int) -> None:
+        self.region(pointer, nbytes)[:] = 0
+        self.zeroed.append((pointer, nbytes))
 
     def download(self, array: np.ndarray, pointer: int) -> np.ndarray:
         array.reshape(-1).view(np.uint8)[:] = self.region(pointer, array.nbytes)
@@ -184,17 +194,36 @@ class _Context:
             value = np.ascontiguousarray(value, dtype=engine.dtypes[name])
             start = self.addresses[name]
             target = cuda.region(start, value.nbytes)
+            cache = engine.in_place.get(name)  # the past input this output is written into, if any
             for other, nbytes, what in used:  # the engine reads inputs while it writes outputs
+                if what == f"input {cache}":
+                    continue  # the update layer writes its own input, as TensorRT's does (checked below)
                 if nbytes and value.nbytes and start < other + nbytes and other < start + value.nbytes:
                     raise EmulationError(f"output {name} overlaps {what} in device memory")
+            if cache is not None and (self.addresses[cache] != start or self.shapes[cache] != value.shape):
+                raise EmulationError(f"output {name} of a KV-cache update must be its input {cache}'s memory "
+                                     f"(at {self.addresses[cache]:#x}, {self.shapes[cache]}), not {start:#x}, "
+                                     f"{value.shape}")
             target[:] = value.reshape(-1).view(np.uint8)
             used.append((start, value.nbytes, f"output {name}"))
         return True
 
 
+def kv_cache_updates(graph: Path) -> dict[str, str]:
+    """Graph output -> the graph input it updates in place: the outputs TensorScatter writes into a past
+    (what TensorRT parses into a KV-cache update layer, whose output is its input's memory)."""
+    import onnx
+
+    model = onnx.load(str(graph), load_external_data=False)
+    inputs, outputs = {v.name for v in model.graph.input}, {v.name for v in model.graph.output}
+    return {node.output[0]: node.input[0] for node in model.graph.node
+            if node.op_type == "TensorScatter" and node.input[0] in inputs and node.output[0] in outputs}
+
+
 class _EmulatedEngine:
     def __init__(self, graph: Path, spec: EngineSpec, logger, cuda: EmulatedCuda):
         self.session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+        self.in_place = kv_cache_updates(graph)
         self.input_names = [t.name for t in spec.inputs]
         self.output_names = [t.name for t in spec.outputs]
         self.dtypes = {t.name: np.dtype(t.dtype) for t in (*spec.inputs, *spec.outputs)}

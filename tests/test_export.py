@@ -110,3 +110,19 @@ def test_leftovers_of_a_killed_export_are_cleared(checkpoints, tmp_path):
     (stale / "manifest.json").write_text("{}")
     run_cli("export", str(checkpoints[(1, 28)]), "-o", str(tmp_path / "bundle"), check=True)
     assert not stale.exists() and (tmp_path / "bundle" / "manifest.json").is_file()
+
+
+def test_exported_graphs_carry_no_intermediate_shapes(bundles):
+    """The tracer's value_info keeps element types, not shapes (ONNX Runtime held far more memory with them;
+    see _finish_graph), while the I/O keeps the bundle's named dims."""
+    import onnx
+
+    manifest = read_manifest(bundles[(2, 28)])
+    for graph in (manifest.vision_graph, manifest.decoder_graph):
+        model = onnx.load(str(bundles[(2, 28)] / graph.file), load_external_data=False)
+        values = model.graph.value_info
+        assert values and all(v.type.tensor_type.elem_type for v in values), graph.file
+        assert not any(v.type.tensor_type.HasField("shape") for v in values), graph.file
+    decoder = onnx.load(str(bundles[(2, 28)] / manifest.decoder_graph.file), load_external_data=False)
+    dims = [d.dim_param for d in decoder.graph.input[0].type.tensor_type.shape.dim]
+    assert dims[:2] == ["batch", "seq"]

@@ -7,11 +7,14 @@ the installed TensorRT bindings; and the backend's whole generation loop on engi
 real by TensorRT for RTX, with TensorRT's execution and CUDA memory played on the CPU
 (tests/tensorrt_emulation.py): which buffer each tensor is bound to, the shapes declared per
 profile, the KV-cache banks, what crosses between host and device, and the tokens that result.
+``kv_bundle`` gives the tiny checkpoints with either KV cache (``export --kv-cache``): in place (one
+buffer, TensorRT's KV-cache update layer) or growing (the old graph).
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib.util
 import inspect
 import json
@@ -28,11 +31,12 @@ from paligemma_edge.runtime.backends.base import create_backend
 from paligemma_edge.runtime.backends.cuda import CudaError
 from paligemma_edge.runtime.engines.build import profiles_for
 from paligemma_edge.runtime.engines.common import gpu_description
-from paligemma_edge.runtime.bundle.manifest import EngineSpec, read_manifest
+from paligemma_edge.runtime.bundle.manifest import EngineSpec, past_names, present_names, read_manifest
+from paligemma_edge.runtime.bundle.writer import write_manifest
 from paligemma_edge.runtime.generation.sampling import GenerationOptions
 
 from .conftest import model_id, run_cli
-from .tensorrt_emulation import EmulatedTensorRT, EmulationError, Faults
+from .tensorrt_emulation import EmulatedTensorRT, EmulationError, Faults, kv_cache_updates
 
 PROMPTS = ["caption en", "answer en what is the quick brown fox doing on the table today", "ocr"]
 
@@ -55,16 +59,19 @@ def with_engines(bundles, tmp_path):
     return bundle
 
 
+@pytest.mark.parametrize("kind", ["inplace", "growing"])
 @pytest.mark.parametrize("profiles", [1, 2])
-def test_max_shapes_cover_prefill_and_decode(bundles, profiles):
-    manifest = read_manifest(bundles[(2, 28)])
+def test_max_shapes_cover_prefill_and_decode(kv_bundle, profiles, kind):
+    manifest = read_manifest(kv_bundle((2, 28), kind))
     record = EngineSpec("d.engine", "decoder", manifest.decoder_graph.inputs, manifest.decoder_graph.outputs,
                         profiles_for(manifest.decoder_graph, "decoder", 2, 48, profiles))
     shapes = trt_backend.max_shapes(record)
     spec = manifest.decoder
     assert shapes["inputs_embeds"] == (2, 48, spec.hidden_size)  # prefill's sequence
-    assert shapes["past_key_0"] == (2, spec.num_kv_heads, 47, spec.head_dim)  # decode's past
+    # decode's past (growing), or every slot of the in-place buffer
+    assert shapes["past_key_0"] == (2, spec.num_kv_heads, 48 if kind == "inplace" else 47, spec.head_dim)
     assert shapes["attention_mask"] == (2, 1, 48, 48)
+    assert ("write_indices" in shapes) == (kind == "inplace")
 
 
 @needs_rtx
@@ -92,16 +99,22 @@ def test_missing_tensorrt_names_what_to_install(bundles, images):
 
 
 @pytest.fixture()
-def emulated(bundles, tmp_path, monkeypatch, request):
-    """A bundle with real TensorRT for RTX engines (max batch 3, max sequence 48), run by the emulation."""
+def emulated(tmp_path, monkeypatch, request):
+    """A bundle with real TensorRT for RTX engines (max batch 3, max sequence 48), run by the emulation.
+    Variants: fp32 (in-place cache), growing (fp32), int4-trt-io, segment."""
     import tensorrt_rtx_bindings
 
     model, variant, profiles = request.param
     bundle = tmp_path / "bundle"
-    if variant == "segment":  # the fp32 bundle with a mask decoder
+    kv_bundle = request.getfixturevalue("kv_bundle")
+    if variant == "segment":  # the fp32 bundle with a mask decoder (export's default cache)
         source = request.getfixturevalue("segment_bundle")
-    else:
-        source = bundles[model] if variant == "fp32" else request.getfixturevalue("quantized")[model, variant]
+    elif variant in ("fp32", "growing"):  # fp32, the in-place or the growing KV cache
+        source = kv_bundle(model, "inplace" if variant == "fp32" else "growing")
+    else:  # int4-trt-io: for TensorRT with the in-place cache in fp16 (TensorRT's KV-cache update takes no Cast)
+        source = tmp_path / "source"
+        run_cli("quantize", str(kv_bundle(model, "inplace")), "--output", str(source), "--precision",
+                variant.split("-")[0], "--target", "tensorrt", "--fp16-io", check=True)
     shutil.copytree(source, bundle)
     run_cli("build-engines", str(bundle), "--backend", "tensorrt-rtx", "--max-batch", "3", "--max-seq-len", "48",
             "--decoder-profiles", str(profiles), check=True)
@@ -116,9 +129,12 @@ def _touched_allocations(device, transfers) -> set[int]:
 
 
 @needs_rtx
-@pytest.mark.parametrize("emulated", [((2, 28), "fp32", 2), ((1, 28), "fp32", 1), ((2, 28), "int4-trt", 1)],
+@pytest.mark.parametrize("emulated", [((2, 28), "fp32", 2), ((1, 28), "fp32", 1), ((2, 28), "int4-trt-io", 1),
+                                      ((2, 28), "growing", 2), ((1, 28), "growing", 1)],
                          indirect=True, ids=lambda p: f"{model_id(p[0])}-{p[1]}-{p[2]}-profiles")
 def test_backend_loop_on_emulated_engines_matches_onnxruntime(emulated, images):
+    """A left-padded batch of three prompts (Gemma 2's longer than its sliding window of 8), both families,
+    both cache kinds, generating past the engines' 48 positions."""
     bundle, emulation = emulated
     options = GenerationOptions(max_new_tokens=64)  # past the engines' 48 positions
     pictures = [*images, Image.open(images[0]).transpose(Image.Transpose.FLIP_LEFT_RIGHT)]  # 4 different ones
@@ -129,16 +145,21 @@ def test_backend_loop_on_emulated_engines_matches_onnxruntime(emulated, images):
         device, engines, manifest = emulation.device, model.backend, model.manifest
         assert device is not None  # the backend made its CUDA memory
         assert isinstance(engines, trt_backend.TensorRTBackend)
-        spec = manifest.decoder  # the two banks: every past at [max batch, kv heads, max sequence, head dim]
+        spec = manifest.decoder  # the banks: every past at [max batch, kv heads, max sequence, head dim]
+        in_place = spec.cache_in_place
+        assert in_place == (manifest.engines[next(iter(manifest.engines))].kv_cache == "inplace")
         kv_bytes = 3 * spec.num_kv_heads * 48 * spec.head_dim * engines.decoder.dtypes["past_key_0"].itemsize
         banks = {address for address, nbytes in device.allocations().items() if nbytes == kv_bytes}
-        assert len(banks) == 2 * 2 * spec.num_layers
+        assert len(banks) == (1 if in_place else 2) * 2 * spec.num_layers  # one bank in place, two growing
         allocations = device.mallocs
         device.uploads.clear()
         device.downloads.clear()
+        device.zeroed.clear()
         ours = model.generate_batch([images[0]], PROMPTS, options)
         assert device.mallocs == allocations  # every buffer was allocated at load
         assert not banks & _touched_allocations(device, device.uploads + device.downloads)  # the cache stays put
+        rows_bytes = len(PROMPTS) * kv_bytes // 3  # the generation's rows of each bank, zeroed once at its start
+        assert sorted(device.zeroed) == (sorted((bank, rows_bytes) for bank in banks) if in_place else [])
         image_bytes = (manifest.image.num_tokens * manifest.decoder.hidden_size
                        * engines.vision.dtypes["image_embeds"].itemsize)
         logits_bytes = len(PROMPTS) * manifest.embedding.shape[0] * engines.decoder.dtypes["logits"].itemsize
@@ -170,30 +191,37 @@ def test_cli_tasks_on_emulated_engines_print_what_onnxruntime_prints(emulated, i
         assert printed[0] == printed[1] and len(printed[0]) == (2 if "--prompt" in task else 1)
 
 
-def _step_inputs(manifest, past: int, seq: int, rng) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
-    """Random embeddings, all-visible masks and positions for ``seq`` new positions after ``past``."""
-    masks = {t.name: np.ones((1, 1, seq, past + seq), bool) for t in manifest.decoder_graph.inputs if "mask" in t.name}
+def _step_inputs(manifest, past: int, seq: int, width: int,
+                 rng) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+    """Random embeddings, positions and masks for ``seq`` new positions after ``past``: every written slot
+    visible, the rest of ``width`` slots (an in-place cache's unwritten ones) masked."""
+    visible = np.arange(width) < past + seq
+    masks = {t.name: np.broadcast_to(visible, (1, 1, seq, width)).copy()
+             for t in manifest.decoder_graph.inputs if "mask" in t.name}
     embeds = rng.standard_normal((1, seq, manifest.decoder.hidden_size)).astype(np.float32)
     return embeds, masks, np.arange(past, past + seq)[None]
 
 
 @needs_rtx
-@pytest.mark.parametrize("emulated", [((2, 28), "fp32", 2), ((1, 28), "fp32", 1)], indirect=True,
-                         ids=lambda p: f"{model_id(p[0])}-{p[1]}-{p[2]}-profiles")
+@pytest.mark.parametrize("emulated", [((2, 28), "fp32", 2), ((1, 28), "fp32", 1), ((2, 28), "growing", 2)],
+                         indirect=True, ids=lambda p: f"{model_id(p[0])}-{p[1]}-{p[2]}-profiles")
 def test_emulated_steps_reach_each_profiles_max_and_stop_past_it(emulated):
     bundle, _ = emulated
     rng = np.random.default_rng(3)
     with paligemma_edge.load(bundle) as reference, paligemma_edge.load(bundle, backend="tensorrt-rtx") as model:
         manifest = model.manifest
+        in_place = manifest.decoder.cache_in_place
         # a full-length prompt (prefill's max), then the last position after a prompt of 47 (decode's max past)
         for steps in ([(0, 48)], [(0, 47), (47, 1)]):
             caches = reference.backend.new_cache(1, 48), model.backend.new_cache(1, 48)
             for past, seq in steps:
-                inputs = _step_inputs(manifest, past, seq, rng)
+                inputs = _step_inputs(manifest, past, seq, 48 if in_place else past + seq, rng)
                 expected = reference.backend.step(*inputs, caches[0])
                 np.testing.assert_allclose(model.backend.step(*inputs, caches[1]), expected, rtol=1e-5, atol=1e-5)
         with pytest.raises(paligemma_edge.InputError, match="49 positions exceed the engines' max sequence 48"):
-            model.backend.step(*_step_inputs(manifest, 48, 1, rng), caches[1])
+            model.backend.step(*_step_inputs(manifest, 48, 1, 49, rng), caches[1])
+        with pytest.raises(paligemma_edge.InputError, match="a cache of 49 positions exceeds the engines' max sequence"):
+            model.backend.new_cache(1, 49)
 
 
 @needs_rtx
@@ -210,9 +238,10 @@ def test_emulated_engines_batches_up_to_the_build(emulated, images):
 
 
 @needs_rtx
-@pytest.mark.parametrize("emulated", [((2, 28), "fp32", 2)], indirect=True, ids=["pg2-28px-fp32-2-profiles"])
+@pytest.mark.parametrize("emulated", [((2, 28), "fp32", 2), ((2, 28), "growing", 2)], indirect=True,
+                         ids=["pg2-28px-inplace-2-profiles", "pg2-28px-growing-2-profiles"])
 def test_the_emulation_catches_what_a_gpu_would_not_report(emulated, images):
-    """KV buffers that share memory (present written over past) and a decode run in the prefill context."""
+    """KV buffers that share memory (present written over another past) and a decode run in the prefill context."""
     bundle, emulation = emulated
     emulation.faults.reused_sizes = True  # every past and present of a shape in one block
     with paligemma_edge.load(bundle, backend="tensorrt-rtx") as model:
@@ -220,8 +249,57 @@ def test_the_emulation_catches_what_a_gpu_would_not_report(emulated, images):
             model.generate_batch([images[0]], PROMPTS[:1], GenerationOptions(max_new_tokens=3))
     emulation.faults = Faults(profiles_ignored=True)  # the decode context stays on the prefill profile
     with paligemma_edge.load(bundle, backend="tensorrt-rtx") as model:
-        with pytest.raises(paligemma_edge.BundleError, match="does not take past_key_0 of shape .* outside profile 0"):
+        if model.manifest.decoder.cache_in_place:  # one token over all slots lies inside prefill's ranges too
             model.generate_batch([images[0]], PROMPTS[:1], GenerationOptions(max_new_tokens=3))
+        else:  # a past longer than prefill's empty one does not
+            with pytest.raises(paligemma_edge.BundleError, match="does not take past_key_0 of shape .* outside profile 0"):
+                model.generate_batch([images[0]], PROMPTS[:1], GenerationOptions(max_new_tokens=3))
+
+
+def test_only_a_kv_cache_update_may_write_its_own_past(kv_bundle):
+    """The emulation's in-place rule: the outputs allowed to lie on an input are the presents an in-place
+    decoder's TensorScatter writes into their own past, and none of a growing decoder's (its Concat makes a
+    new, longer tensor). Any other overlap fails (test_the_emulation_catches_what_a_gpu_would_not_report)."""
+    in_place = kv_bundle((2, 28), "inplace")
+    manifest = read_manifest(in_place)
+    routes = {present: past for layer in range(manifest.decoder.num_layers)
+              for past, present in zip(past_names(layer), present_names(layer))}
+    assert kv_cache_updates(in_place / manifest.decoder_graph.file) == routes
+    growing = kv_bundle((2, 28), "growing")
+    assert kv_cache_updates(growing / read_manifest(growing).decoder_graph.file) == {}
+
+
+@needs_rtx
+@pytest.mark.parametrize("emulated", [((2, 28), "fp32", 2)], indirect=True, ids=["pg2-28px-inplace-2-profiles"])
+def test_an_in_place_cache_starts_zeroed(emulated):
+    """Device memory that holds NaNs until written: the unwritten slots of an in-place cache are masked,
+    and masked slots still multiply their values by a zero weight, so a bank left as cudaMalloc handed it
+    out makes every logit NaN. The backend zeroes each generation's banks; skipping that shows."""
+    bundle, emulation = emulated
+    emulation.faults.dirty_memory = True
+    rng = np.random.default_rng(5)
+    with paligemma_edge.load(bundle) as reference:
+        inputs = _step_inputs(reference.manifest, 0, 6, 48, rng)
+        expected = reference.backend.step(*inputs, reference.backend.new_cache(1, 48))
+    with paligemma_edge.load(bundle, backend="tensorrt-rtx") as model:
+        np.testing.assert_allclose(model.backend.step(*inputs, model.backend.new_cache(1, 48)), expected,
+                                   rtol=1e-5, atol=1e-5)
+    with paligemma_edge.load(bundle, backend="tensorrt-rtx") as model:
+        assert isinstance(model.backend, trt_backend.TensorRTBackend)
+        model.backend.cuda.zero = lambda pointer, nbytes: None  # type: ignore[method-assign]  # planted: banks keep what cudaMalloc gave
+        assert np.isnan(model.backend.step(*inputs, model.backend.new_cache(1, 48))).all()
+
+
+@needs_rtx
+@pytest.mark.parametrize("emulated", [((2, 28), "fp32", 2)], indirect=True, ids=["pg2-28px-inplace-2-profiles"])
+def test_engines_for_the_other_cache_kind_are_refused(emulated):
+    bundle, _ = emulated
+    manifest = read_manifest(bundle)
+    (tag, record), = manifest.engines.items()
+    write_manifest(bundle, dataclasses.replace(manifest, engines={tag: dataclasses.replace(record, kv_cache="growing")}))
+    with pytest.raises(paligemma_edge.BundleError, match="built for a growing KV cache .* inplace one: run "
+                                                         "'paligemma-edge build-engines' again"):
+        paligemma_edge.load(bundle, backend="tensorrt-rtx")
 
 
 @needs_rtx
@@ -285,10 +363,16 @@ def test_every_tensorrt_call_exists_in_the_bindings():
 
 
 @needs_gpu
-@pytest.mark.parametrize("variant, profiles", [("fp32", 2), ("fp32", 1), ("int8-trt", 2), ("int4-trt", 1)])
-def test_engines_generate_what_onnxruntime_generates(bundles, quantized, images, tmp_path, variant, profiles):
+@pytest.mark.parametrize("variant, profiles", [("fp32", 2), ("fp32", 1), ("int8-trt-io", 2), ("int4-trt-io", 1),
+                                               ("growing", 2)])
+def test_engines_generate_what_onnxruntime_generates(kv_bundle, images, tmp_path, variant, profiles):
+    """On the GPU: the in-place cache (fp32; int8 and int4 for TensorRT with fp16 I/O) and the growing one."""
     assert FLAVOUR is not None  # needs_gpu skips without one
-    source = bundles[(2, 28)] if variant == "fp32" else quantized[(2, 28), variant]
+    sources = {"fp32": kv_bundle((2, 28), "inplace"), "growing": kv_bundle((2, 28), "growing")}
+    source = sources.get(variant, tmp_path / "source")
+    if variant not in sources:
+        run_cli("quantize", str(sources["fp32"]), "--output", str(source), "--precision", variant.split("-")[0],
+                "--target", "tensorrt", "--fp16-io", check=True)
     bundle = tmp_path / "bundle"
     shutil.copytree(source, bundle)
     run_cli("build-engines", str(bundle), "--backend", FLAVOUR, "--max-batch", "3", "--decoder-profiles", str(profiles),
@@ -300,8 +384,8 @@ def test_engines_generate_what_onnxruntime_generates(bundles, quantized, images,
     with paligemma_edge.load(bundle, backend=FLAVOUR) as model:
         ours = [r.token_ids for r in model.generate_batch([images[0]], PROMPTS, options)]
         engine_pixels = model.encode_images([images[0]])
-    assert np.abs(engine_pixels - pixels).max() <= (1e-3 if variant == "fp32" else 5e-2) * max(1.0, np.abs(pixels).max())
-    if variant == "fp32":
+    assert np.abs(engine_pixels - pixels).max() <= (1e-3 if variant in sources else 5e-2) * max(1.0, np.abs(pixels).max())
+    if variant in sources:
         assert ours == reference
     else:
         agreement = np.mean([a == b for r, o in zip(reference, ours) for a, b in zip(r, o)])

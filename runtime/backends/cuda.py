@@ -59,6 +59,10 @@ class Cuda:
         self._allocations.append(pointer)
         return pointer
 
+    def zero(self, pointer: int, nbytes: int) -> None:
+        """Set ``nbytes`` at ``pointer`` to zero bytes (on the stream)."""
+        self._check(self.rt.cudaMemsetAsync(pointer, 0, nbytes, self.stream), f"cudaMemsetAsync({nbytes} bytes)")
+
     def upload(self, pointer: int, array: np.ndarray) -> None:
         array = np.ascontiguousarray(array)
         self._check(self.rt.cudaMemcpyAsync(pointer, array.ctypes.data, array.nbytes,

@@ -14,6 +14,8 @@ What is decided here:
 
 - The decoder session is made first (its load peak is the larger); if the vision session then
   fails, the decoder is released before the error propagates.
+- The vision encode and the prefill give the host arena's free memory back when they end
+  (:func:`release_arena_after_run`); decode steps keep theirs, which they reuse.
 - The hooks (base.SessionHooks): the observer sees each run's inputs as numpy arrays (on the CPU,
   views of the very buffers bound: the cache values and the table as they go in); the profiler is
   switched on for the decoder session alone, which is made once with it (never a second decoder
@@ -74,6 +76,16 @@ def disabled_optimizers(graph: GraphSpec) -> list[str]:
 INT8_HEAD_MIN_VERSION = (1, 23)  # 8-bit MatMulNBits on x86-64 and ARM64
 
 
+def release_arena_after_run() -> ort.RunOptions:
+    """Run options that hand the host memory arena's free blocks back at the end of the run: for the
+    vision encode and the prefill, whose attention needs far more than a decode step, so that the
+    vision's peak is gone before the prefill's and the prefill's before decoding (each session keeps an
+    arena of its own, and without this each keeps its own peak)."""
+    options = ort.RunOptions()
+    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    return options
+
+
 def check_int8_head_support(manifest: Manifest) -> None:
     """An int8 table in blocks is read by an 8-bit MatMulNBits LM head, which older ONNX Runtimes cannot run."""
     installed = tuple(int(part) for part in re.findall(r"\d+", ort.__version__)[:2])
@@ -113,6 +125,7 @@ class OnnxRuntimeBackend(BackendBase[OrtCache]):
         self.decoder = self._session(manifest.decoder_graph, decoder_options, providers)
         self.vision = self._session(manifest.vision_graph, options, providers)
         self._decoder_outputs = manifest.decoder_graph.output_names()
+        self._release_after = release_arena_after_run()
         # Which output becomes which past input on the next step.
         self._cache_routes = [
             (present, past)
@@ -154,7 +167,7 @@ class OnnxRuntimeBackend(BackendBase[OrtCache]):
         feed = {"pixel_values": pixel_values.astype(self._input_dtypes["pixel_values"], copy=False)}
         if self._hooks.observer is not None:
             self._hooks.observer("vision", feed)
-        return self.vision.run(None, feed)[0].astype(np.float32, copy=False)
+        return self.vision.run(None, feed, self._release_after)[0].astype(np.float32, copy=False)
 
     def embed(self, token_ids: np.ndarray) -> np.ndarray:
         return self.host_embedding.lookup(token_ids)
@@ -208,7 +221,7 @@ class OnnxRuntimeBackend(BackendBase[OrtCache]):
                 binding.bind_ortvalue_output(present, cache.values[past])
             else:
                 binding.bind_output(present, self.device)
-        self.decoder.run_with_iobinding(binding)
+        self.decoder.run_with_iobinding(binding, self._release_after if seq > 1 else None)
         cache.length += seq
         # get_outputs() follows the order of the bind_output calls
         outputs = dict(zip([logits_name] + [present for present, _ in self._cache_routes], binding.get_outputs()))

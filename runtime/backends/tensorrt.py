@@ -3,15 +3,21 @@
 One code path for TensorRT (``tensorrt``, JetPack and x86) and TensorRT for RTX (``tensorrt-rtx``);
 only the module differs. Engines are deserialized once. Every device buffer is allocated at load
 for the engines' max batch and sequence, so a step allocates nothing. The KV cache never leaves
-the GPU: the decoder's present key/values of step n are written into the second of two banks
-and bound as the past of step n+1 (the graph appends new positions to the past, so one bank
-cannot be both). Per step only the new tokens' embeddings, positions and masks go up and the
-last position's logits come back. A decoder engine with prefill and decode optimization profiles
-runs in two execution contexts, one per profile; one with a single profile in one context.
+the GPU. An in-place decoder (``decoder.kv_cache: inplace``) has one bank per layer's keys and
+values, [max batch, kv heads, max sequence, head dim], zeroed for each generation and bound as both
+past and present: the engine's KV-cache update layer writes the new positions at ``write_indices``
+(uploaded per step) and its output is its input's memory. Its cache dim is fixed at the engines' max
+sequence (TensorRT needs it static), so the loop's masks, as wide as the generation's capacity, are
+padded with masked slots to it. A growing decoder's present key/values of step n are written into
+the second of two banks and bound as the past of step n+1 (the graph appends new positions to the
+past, so one bank cannot be both). Per step only the new tokens' embeddings, positions, masks (and
+write indices) go up and the last position's logits come back. A decoder engine with prefill and
+decode optimization profiles runs in two execution contexts, one per profile; one with a single
+profile in one context.
 
-No CUDA graph is captured: the past grows by one position every step, so no two decode steps have
-the same shapes; a decoder graph over a fixed-size cache would allow it. Memory goes through
-cuda-python, so the device needs no torch.
+No CUDA graph is captured yet. An in-place decoder's decode step has the same shapes and addresses
+for a whole generation, which is what a capture needs; the growing one's past grows every step.
+Memory goes through cuda-python, so the device needs no torch.
 
 What is decided here:
 
@@ -19,6 +25,8 @@ What is decided here:
   failed allocation) frees every buffer allocated so far, drops the engines and destroys the
   stream before the error propagates.
 - Rows cannot leave a cache (``can_drop_rows`` is False): the banks stay at the batch they began with.
+- Engines built for the other cache kind than the bundle's decoder (``EngineSet.kv_cache``) are refused.
+- Zeroed, not left as cudaMalloc hands it out: masked slots get zero weight, and 0 * NaN is NaN.
 - No session hooks: a feed observer or a profiler is refused (they are ONNX Runtime's).
 """
 
@@ -34,15 +42,17 @@ from .base import BackendBase, SessionHooks, refuse_hooks, released_on_failure
 from .cuda import Cuda, CudaError
 from ..engines.common import CollectingLogger, device_tag, gpu_description, import_tensorrt, select_engines
 from ..errors import BundleError, InputError
-from ..bundle.manifest import EngineSet, EngineSpec, Manifest, past_names, present_names
+from ..bundle.manifest import WRITE_INDICES, EngineSet, EngineSpec, Manifest, past_names, present_names
 from .embedding import HostEmbedding
 
 
 @dataclass
 class TensorRTCache:
-    """The cache of one generation: its rows, the positions cached, which bank holds the past."""
+    """The cache of one generation: its rows, the positions it may hold and holds, which bank holds the
+    past (a growing cache; an in-place one has one bank)."""
 
     batch: int
+    capacity: int
     length: int = 0
     bank: int = 0
 
@@ -96,9 +106,6 @@ class TensorRTBackend(BackendBase[TensorRTCache]):
                  hooks: SessionHooks | None = None):
         del threads  # the GPU does the work
         refuse_hooks(self.name, hooks)
-        if manifest.decoder.cache_in_place:
-            raise InputError(f"the {self.name} backend does not run an in-place KV cache decoder yet: re-export the "
-                             "bundle with 'paligemma-edge export --kv-cache growing' (or use an onnxruntime backend)")
         trt = import_tensorrt(self.flavour)
         record = select_engines(manifest, device_tag(self.flavour, trt.__version__, gpu_description()))
         self._engines: list[_Engine] = []  # what release() drops, as they load
@@ -116,6 +123,10 @@ class TensorRTBackend(BackendBase[TensorRTCache]):
         self._batch_limit = max_batch = record.max_batch  # the same numbers, as ints for the methods
         self._position_limit = max_seq_len = record.max_seq_len
         self.decoder_spec = manifest.decoder
+        if record.kv_cache != manifest.decoder.kv_cache:
+            raise BundleError(f"the {record.device} engines were built for a {record.kv_cache} KV cache and the bundle's "
+                              f"decoder keeps an {manifest.decoder.kv_cache} one: run 'paligemma-edge build-engines' again")
+        self._in_place = manifest.decoder.cache_in_place
         self._logger = CollectingLogger(trt)
         self._runtime = trt.Runtime(self._logger.logger)
         self.vision = self._engine(trt, bundle_dir / record.vision.file, record.vision)
@@ -138,9 +149,10 @@ class TensorRTBackend(BackendBase[TensorRTCache]):
         for name, shape in decoder_max.items():
             if name not in pasts and name not in constants:
                 self._buffers[name] = self._malloc(name, shape)
-        # two banks of the whole cache, each at [max batch, kv heads, max sequence, head dim]
+        # banks of the whole cache, each at [max batch, kv heads, max sequence, head dim]: one in place, else two
         kv_shape = (max_batch, manifest.decoder.num_kv_heads, max_seq_len, manifest.decoder.head_dim)
-        self._banks = [{past: self._malloc(past, kv_shape) for past in pasts} for _ in range(2)]
+        self._banks = [{past: self._malloc(past, kv_shape) for past in pasts} for _ in range(1 if self._in_place else 2)]
+        self._past_itemsize = self.decoder.dtypes[past_names(0)[0]].itemsize
         contexts = self.decoder.contexts
         self._phase_contexts = {phase: contexts.get(phase, next(iter(contexts.values())))
                                 for phase in ("prefill", "decode")}  # a one-profile engine: one context for both
@@ -181,7 +193,15 @@ class TensorRTBackend(BackendBase[TensorRTCache]):
         if batch > self._batch_limit:
             raise InputError(f"a batch of {batch} exceeds the engines' max batch {self._batch_limit}: "
                              "rebuild with 'paligemma-edge build-engines --max-batch N'")
-        self._owner = TensorRTCache(batch)  # one cache at a time: the banks are the backend's
+        if capacity > self._position_limit:
+            raise InputError(f"a cache of {capacity} positions exceeds the engines' max sequence {self._position_limit}: "
+                             "rebuild with 'paligemma-edge build-engines --max-seq-len N'")
+        if self._in_place:  # the rows' part of each bank, as the engine reads it: [batch, kv, max sequence, d]
+            spec = self.decoder_spec
+            nbytes = batch * spec.num_kv_heads * self._position_limit * spec.head_dim * self._past_itemsize
+            for address in self._banks[0].values():
+                self.cuda.zero(address, nbytes)
+        self._owner = TensorRTCache(batch, capacity)  # one cache at a time: the banks are the backend's
         return self._owner
 
     def step(self, inputs_embeds: np.ndarray, masks: dict[str, np.ndarray], position_ids: np.ndarray,
@@ -193,25 +213,44 @@ class TensorRTBackend(BackendBase[TensorRTCache]):
         if total > self._position_limit:
             raise InputError(f"{total} positions exceed the engines' max sequence {self._position_limit}: "
                              "rebuild with 'paligemma-edge build-engines --max-seq-len N'")
+        if total > cache.capacity:
+            raise InputError(f"{total} positions exceed the cache's {cache.capacity}")
         if past and seq != 1:
             raise InputError("after the prompt the decoder takes one token per step")
         context = self._phase_contexts["decode" if past else "prefill"]
         feeds = {"inputs_embeds": inputs_embeds, "position_ids": position_ids, **masks}
+        if self._in_place:
+            feeds |= {name: self._padded(mask) for name, mask in masks.items()}
+            feeds[WRITE_INDICES] = np.full(rows, past, dtype=np.int64)  # every row writes at the same slot
         for name, array in feeds.items():
             array = np.ascontiguousarray(array, dtype=self.decoder.dtypes[name])
             self.cuda.upload(self._buffers[name], array)
             self._bind(context, name, array.shape, self._buffers[name])
         spec = self.decoder_spec
-        source, target = self._banks[cache.bank], self._banks[1 - cache.bank]
+        slots = self._position_limit if self._in_place else past  # the past as the engine reads it
+        source = self._banks[cache.bank]
+        target = source if self._in_place else self._banks[1 - cache.bank]  # in place: present is past's memory
         for past_name, present_name in self._routes:
-            self._bind(context, past_name, (rows, spec.num_kv_heads, past, spec.head_dim), source[past_name])
+            self._bind(context, past_name, (rows, spec.num_kv_heads, slots, spec.head_dim), source[past_name])
             self._bind(context, present_name, None, target[past_name])
         self._bind(context, self._logits_name, None, self._buffers[self._logits_name])
         self._execute(context, "decoder")
         logits = np.empty((rows, self._logits_shape[1]), dtype=self.decoder.dtypes[self._logits_name])
         self.cuda.download(logits, self._buffers[self._logits_name])
-        cache.length, cache.bank = total, 1 - cache.bank
+        cache.length = total
+        if not self._in_place:
+            cache.bank = 1 - cache.bank
         return logits.astype(np.float32, copy=False)
+
+    def _padded(self, mask: np.ndarray) -> np.ndarray:
+        """An in-place decoder's mask [rows, 1, seq, capacity] widened to the engine's cache slots, the added
+        slots masked (the cache never writes them in this generation)."""
+        slots = self._position_limit
+        if mask.shape[-1] > slots:
+            raise InputError(f"a mask over {mask.shape[-1]} cache slots exceeds the engines' {slots}")
+        padded = np.zeros((*mask.shape[:-1], slots), dtype=bool)
+        padded[..., :mask.shape[-1]] = mask
+        return padded
 
     def _bind(self, context, name: str, shape: tuple[int, ...] | None, address: int) -> None:
         """Where a tensor lies, and for an input its shape this step (TensorRT refuses one outside the profile)."""

@@ -195,6 +195,14 @@ class EngineSet:
     vision: EngineSpec
     decoder: EngineSpec
     build_seconds: float
+    # the decoder graph's cache (DecoderSpec.kv_cache) the engines were built from: an in-place decoder's
+    # engine has a fixed number of cache slots, max_seq_len (TensorRT's KV-cache update layer needs it static)
+    kv_cache: str = GROWING
+
+    def __post_init__(self):
+        if self.kv_cache not in KV_CACHE_KINDS:
+            raise BundleError(f"manifest: engines.{self.device}.kv_cache must be one of {', '.join(KV_CACHE_KINDS)}, "
+                              f"got {self.kv_cache!r}")
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,19 @@ it has two optimization profiles, prefill (prompt up to the max sequence, empty 
 weights once per profile (a two-profile fp16 engine is twice the size of a one-profile one) and
 can specialize its kernels to the shapes it meets at run time, so there it gets one profile
 spanning both.
+
+An in-place decoder (``decoder.kv_cache: inplace``) writes its cache with ONNX TensorScatter, which
+TensorRT (10.15+; TensorRT for RTX 1.7+) parses into a KV-cache update layer. That layer needs the
+cache's sequence dim static, so the graph's ``cache`` dim is fixed at the engines' max sequence before
+parsing (which reads the graph with the ``onnx`` package) and the profiles range over batch and seq
+only; the engine set records the cache kind. An older TensorRT is refused before parsing, with the
+way out: re-export with ``--kv-cache growing``.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,7 +30,7 @@ from typing import Callable
 
 from ..bundle.manifest import EngineSet, EngineSpec, GraphSpec, Manifest, TensorSpec, read_manifest, verify_files
 from ..bundle.writer import write_manifest
-from ..errors import BundleError, InputError, PaliGemmaEdgeError
+from ..errors import BackendUnavailableError, BundleError, InputError, PaliGemmaEdgeError
 from .common import FLAVOURS, CollectingLogger, device_tag, gpu_description, import_tensorrt
 
 # quantization methods whose ops only ONNX Runtime has (TensorRT's parser looks for a plugin and fails)
@@ -30,6 +38,12 @@ _ONNXRUNTIME_ONLY = {"int8-dynamic": "DynamicQuantizeMatMul", "int4-matmulnbits"
 
 # decoder optimization profiles per flavour: 2 = prefill and decode, 1 = one spanning both
 DEFAULT_DECODER_PROFILES = {"tensorrt": 2, "tensorrt-rtx": 1}
+
+# the first release of each flavour that parses TensorScatter into a KV-cache update layer
+KV_CACHE_UPDATE_SINCE = {"tensorrt": (10, 15), "tensorrt-rtx": (1, 7)}
+CACHE_DIM = "cache"  # an in-place decoder's symbolic dim of cache slots (export's decoder_io names it)
+# what TensorRT logs when a KV-cache update reads a tensor computed in the graph (a Cast of the past), not an input
+CAST_CACHE_ERROR = "The cache tensor must be a network input"
 
 Progress = Callable[[str], None]
 
@@ -88,7 +102,8 @@ def profiles_for(graph: GraphSpec, name: str, max_batch: int, max_seq_len: int,
     """min/opt/max shapes of every input, per profile.
 
     The decoder gets prefill and decode profiles, or with ``decoder_profiles=1`` one profile
-    ("prefill+decode") spanning both, tuned at decode's shapes.
+    ("prefill+decode") spanning both, tuned at decode's shapes. A growing decoder's past and total
+    range with them; an in-place decoder's cache slots are ``max_seq_len`` in every profile.
     """
     half = max_seq_len // 2
     if name == "vision":
@@ -105,9 +120,38 @@ def profiles_for(graph: GraphSpec, name: str, max_batch: int, max_seq_len: int,
                        dict(batch=max_batch, seq=1, past=max_seq_len - 1, total=max_seq_len)],
         }
     return {
-        profile: {t.name: {k: list(_dims(t, s)) for k, s in zip(("min", "opt", "max"), sizes)} for t in graph.inputs}
+        profile: {t.name: {k: list(_dims(t, s | {CACHE_DIM: max_seq_len})) for k, s in zip(("min", "opt", "max"), sizes)}
+                  for t in graph.inputs}
         for profile, sizes in ranges.items()
     }
+
+
+def check_kv_cache_support(manifest: Manifest, flavour: str, version: str) -> None:
+    """Refuse, in one line and before parsing, an in-place decoder on a TensorRT without the KV-cache update layer."""
+    since = KV_CACHE_UPDATE_SINCE[flavour]
+    numbers = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    if manifest.decoder.cache_in_place and numbers < since:
+        raise BundleError(
+            f"this bundle's decoder keeps its KV cache in place (ONNX TensorScatter), which {flavour} {version} cannot "
+            f"build (it needs {flavour} {'.'.join(map(str, since))}+): re-export it with "
+            "'paligemma-edge export MODEL --kv-cache growing'")
+
+
+def _parse(parser, path: Path, static_dims: dict[str, int]) -> bool:
+    """Parse the graph at ``path``, its symbolic dims named in ``static_dims`` fixed at those sizes first."""
+    if not static_dims:
+        return parser.parse_from_file(str(path))
+    try:
+        import onnx
+    except ImportError:
+        raise BackendUnavailableError("building engines for an in-place KV cache decoder reads its graph with the "
+                                      "onnx package: pip install 'paligemma-edge[gpu]'") from None
+    model = onnx.load(str(path), load_external_data=False)  # the weights stay in their files, read by TensorRT
+    for value in (*model.graph.input, *model.graph.output, *model.graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in static_dims:
+                dim.dim_value = static_dims[dim.dim_param]  # clears dim_param (a oneof)
+    return parser.parse(model.SerializeToString(), str(path))
 
 
 _DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT64": "int64", "BOOL": "bool", "INT8": "int8",
@@ -141,8 +185,9 @@ def _build_one(trt, bundle: Path, graph: GraphSpec, name: str, options: EngineOp
     builder = trt.Builder(collector.logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, collector.logger)
-    step(f"parsing {graph.file}")
-    if not parser.parse_from_file(str(bundle / graph.file)):
+    static = {CACHE_DIM: max_seq_len} if any(CACHE_DIM in t.shape for t in graph.inputs) else {}
+    step(f"parsing {graph.file}" + (f" ({max_seq_len} cache slots)" if static else ""))
+    if not _parse(parser, bundle / graph.file, static):
         messages = [parser.get_error(i).desc() for i in range(parser.num_errors)] or collector.errors
         raise EngineBuildError(f"TensorRT cannot parse {graph.file}: {'; '.join(messages[:3])}")
     kept = check_fp32_layers(network, graph)
@@ -163,6 +208,11 @@ def _build_one(trt, bundle: Path, graph: GraphSpec, name: str, options: EngineOp
     layout = f"{', '.join(profiles)} profiles" if len(profiles) > 1 else f"{next(iter(profiles))} profile"
     step(f"building the {name} engine ({layout})")
     serialized = builder.build_serialized_network(network, config)
+    if serialized is None and any(CAST_CACHE_ERROR in error for error in collector.errors):
+        raise EngineBuildError(
+            f"TensorRT cannot build {graph.file}'s in-place KV cache: the graph casts its float32 past key/values "
+            "to float16 (a bundle quantized with float32 inputs and outputs), and TensorRT's KV-cache update needs "
+            "the cache as the network's input; quantize with --fp16-io, or re-export with --kv-cache growing")
     if serialized is None:
         raise EngineBuildError(f"TensorRT could not build {graph.file}: {collector.last(3)}")
     io = [network.get_input(i) for i in range(network.num_inputs)], [network.get_output(i) for i in range(network.num_outputs)]
@@ -179,15 +229,13 @@ def build_engines(bundle: str | Path, options: EngineOptions = EngineOptions(),
     if not bundle.is_dir():
         raise BundleError(f"{bundle}: no such bundle directory")
     manifest = read_manifest(bundle)
-    if manifest.decoder.cache_in_place:
-        raise InputError(f"{bundle}: engines are not built for an in-place KV cache decoder yet; re-export the "
-                         "bundle with 'paligemma-edge export --kv-cache growing'")
     check_tensorrt_takes(bundle, manifest)
     max_seq_len = options.max_seq_len or manifest.decoder.max_seq_len
     if max_seq_len > manifest.decoder.max_seq_len:
         raise InputError(f"--max-seq-len {max_seq_len} exceeds the bundle's {manifest.decoder.max_seq_len}")
     verify_files(bundle, manifest)
     trt = import_tensorrt(options.flavour)
+    check_kv_cache_support(manifest, options.flavour, trt.__version__)
     started = time.perf_counter()
 
     def step(message: str) -> None:
@@ -208,7 +256,7 @@ def build_engines(bundle: str | Path, options: EngineOptions = EngineOptions(),
     record = EngineSet(
         flavour=options.flavour, tensorrt_version=trt.__version__, device=tag, max_batch=options.max_batch,
         max_seq_len=max_seq_len, vision=built["vision"][1], decoder=built["decoder"][1],
-        build_seconds=round(time.perf_counter() - started, 2),
+        build_seconds=round(time.perf_counter() - started, 2), kv_cache=manifest.decoder.kv_cache,
     )
     updated = replace(manifest, engines=manifest.engines | {tag: record})
     write_manifest(bundle, updated)
