@@ -32,6 +32,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..export.attention import QUERY_CHUNK  # export --attention-chunk's default
 from ..export.bundle import DEFAULT_TEXT_TOKENS
 from ..fixtures.tiny import TinySpec
 from .models import MODELS
@@ -40,7 +41,6 @@ MB = 1024 * 1024
 # Jetson Orin modules' memory (CPU and GPU share it), GB: Orin Nano 4GB; Orin Nano 8GB and Orin NX 8GB; Orin NX
 # 16GB; AGX Orin 32GB and 64GB (NVIDIA's module data sheets)
 JETSON_MEMORY_GB = (4, 8, 16, 32, 64)
-DEFAULT_CHUNK = 512  # export --attention-chunk's default (export/attention.py's QUERY_CHUNK)
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ def kv_cache_bytes(spec: TinySpec, positions: int, itemsize: int) -> int:
     return spec.text_layers * 2 * spec.kv_heads * spec.head_dim * positions * itemsize
 
 
-def budget(spec: TinySpec, size: int, chunk: int = DEFAULT_CHUNK) -> Budget:
+def budget(spec: TinySpec, size: int, chunk: int = QUERY_CHUNK) -> Budget:
     tokens = (size // 14) ** 2
     positions = tokens + DEFAULT_TEXT_TOKENS
 
@@ -108,7 +108,7 @@ def markdown(model: str, budgets: list[Budget], weights: dict[str, float], facto
     measured on mid (``factors``), and what a module of each size has left of that."""
     at_224 = next(b for b in budgets if b.size == 224)
     lines = [f"{model}: weights = the measured bundles; KV cache (fp16) and activations (attention in chunks of "
-             f"{DEFAULT_CHUNK}; unchunked in brackets) computed by benchmarks/memory_budget.py; 'as on mid': the "
+             f"{QUERY_CHUNK}; unchunked in brackets) computed by benchmarks/memory_budget.py; 'as on mid': the "
              "growth over 224 px times what mid's measured growth was of its computed one. MB left on each "
              "module's memory is for the OS, the CUDA context, TensorRT's workspace and the program, none counted.",
              "", "| size | precision | positions | weights MB | KV fp16 MB | activations MB | total MB | "
