@@ -8,8 +8,10 @@ the shapes bundle (the committed models/paligemma-shapes checkpoint, exported: n
 (3) ``build-engines`` for each bundle with each TensorRT flavour that imports; (4) the GPU tests
 (tests/test_tensorrt_backend.py, tests/test_engines.py); (5) for every backend: the tiny bundle's
 token ids on fixed prompts against the CPU ``onnxruntime`` backend, ``eval --dataset shapes``
-and decode tok/s (benchmarks/worker.py); (6) one markdown table, written with the JSON under the
-workdir.
+and decode tok/s (benchmarks/worker.py); for each TensorRT flavour also the decode tok/s of the
+shapes model exported with an in-place KV cache, with the decode step's CUDA graph off and on
+(``PALIGEMMA_EDGE_CUDA_GRAPHS``; that bundle is exported only where a GPU is); (6) one markdown
+table, written with the JSON under the workdir.
 
 What is decided here:
 
@@ -34,6 +36,7 @@ import importlib
 import importlib.metadata
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -44,6 +47,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..runtime.backends.base import BACKENDS
+from ..runtime.backends.tensorrt import CUDA_GRAPHS_ENV
 from ..runtime.engines.common import FLAVOURS
 
 Progress = Callable[[str], None]
@@ -126,6 +130,8 @@ class Row:
     answer_agreement: float | None = None  # shapes answers identical to the CPU's
     decode_tokens_per_s: float | None = None
     present: bool = True
+    graph_decode_tokens_per_s: dict[str, float] | None = None  # in-place bundle, CUDA graph "off" / "on"
+    graph_note: str = ""  # what the graph cell says besides the speeds: how "on" ran, or why nothing was measured
 
 
 @dataclass
@@ -255,17 +261,27 @@ def _accuracy_cell(row: Row, reference: Row | None, scenes: int) -> str:
     return text
 
 
+def _graph_cell(row: Row) -> str:
+    speeds = row.graph_decode_tokens_per_s or {}
+    if set(speeds) != {"off", "on"}:
+        return row.graph_note or "-"
+    cell = f"{speeds['off']:.1f} / {speeds['on']:.1f} ({speeds['on'] / speeds['off']:.2f}x)"
+    return f"{cell}; {row.graph_note}" if row.graph_note else cell
+
+
 def markdown(report: Report) -> str:
     """The backends table, then the steps (what ran and how long), then the verdict."""
     reference = next((row for row in report.rows if row.backend == REFERENCE), None)
-    lines = ["| backend | ran? | tokens vs ONNX Runtime CPU | shapes accuracy | decode tok/s |", "|---|---|---|---|---|"]
+    lines = ["| backend | ran? | tokens vs ONNX Runtime CPU | shapes accuracy | decode tok/s "
+             "| in-place decode tok/s, CUDA graph off / on |", "|---|---|---|---|---|---|"]
     for row in report.rows:
         ran = ("yes" if row.passed else f"yes, FAILED: {row.why}") if row.ran else f"no: {row.why}"
         tokens = (f"reference ({len(row.tokens)} prompts, {sum(map(len, row.tokens))} tokens)"
                   if row is reference and row.tokens is not None else
                   row.token_match.text() if row.token_match is not None else "-")
         speed = f"{row.decode_tokens_per_s:.1f}" if row.decode_tokens_per_s is not None else "-"
-        lines.append(f"| {row.backend} | {ran} | {tokens} | {_accuracy_cell(row, reference, report.scenes)} | {speed} |")
+        lines.append(f"| {row.backend} | {ran} | {tokens} | {_accuracy_cell(row, reference, report.scenes)} | {speed} "
+                     f"| {_graph_cell(row)} |")
     lines += ["", "| step | seconds | outcome |", "|---|---|---|"]
     lines += [f"| {step} | {seconds:.1f} | {outcome} |" for step, seconds, outcome in report.steps]
     gpu = report.machine.gpu
@@ -289,7 +305,7 @@ class _Checker:
     def left(self) -> float:
         return self.deadline - time.perf_counter()
 
-    def command(self, step: str, args: list[str], cap: float) -> Outcome:
+    def command(self, step: str, args: list[str], cap: float, env: dict[str, str] | None = None) -> Outcome:
         timeout = min(cap, self.left())
         if timeout < 5:
             outcome = Outcome(False, 0.0, "", "not run: time budget spent")
@@ -298,7 +314,7 @@ class _Checker:
             started = time.perf_counter()
             try:
                 done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
-                                      cwd=REPO)
+                                      cwd=REPO, env={**os.environ, **(env or {})})
                 why = "" if done.returncode == 0 else f"exit {done.returncode}: {_last_line(done.stderr)}"
                 outcome = Outcome(done.returncode == 0, time.perf_counter() - started, done.stdout, why)
             except subprocess.TimeoutExpired:
@@ -320,7 +336,7 @@ def _bundle(checker: _Checker, name: str, given: Path | None, export: Callable[[
         shutil.copytree(given, target)
         checker.note(f"2. {name}: copy of {given}", time.perf_counter() - started, "ok")
         return target
-    if export is _shapes_commands and not (SHAPES_CHECKPOINT / "config.json").is_file():
+    if export in (_shapes_commands, _inplace_commands) and not (SHAPES_CHECKPOINT / "config.json").is_file():
         checker.note(f"2. {name}: export", 0.0, f"not run: {SHAPES_CHECKPOINT} not found (a checkout has it; or give "
                      "--shapes-bundle)")
         return None
@@ -341,6 +357,43 @@ def _tiny_commands(target: Path) -> list[list[str]]:
 def _shapes_commands(target: Path) -> list[list[str]]:
     return [[], ["-m", "paligemma_edge", "export", str(SHAPES_CHECKPOINT), "-o", str(target), "--max-seq-len", "160",
                  "--mask-decoder", str(SHAPES_CHECKPOINT / "vae-oid.npz"), "--force"]]
+
+
+def _inplace_commands(target: Path) -> list[list[str]]:
+    return [[], ["-m", "paligemma_edge", "export", str(SHAPES_CHECKPOINT), "-o", str(target), "--max-seq-len", "160",
+                 "--kv-cache", "inplace", "--force"]]
+
+
+def _worker_row(checker: _Checker, step: str, bundle: Path, backend: str, env: dict[str, str] | None = None
+                ) -> tuple[dict | None, str]:
+    """The worker's row (2 runs, 32 tokens) for ``bundle`` on ``backend``; else None and why."""
+    out = checker.command(step, ["-m", "paligemma_edge.benchmarks.worker", "runtime", str(bundle), "--backend", backend,
+                                 "--runs", "2", "--new-tokens", "32"], cap=180, env=env)
+    measured = _json_lines(out.stdout) if out.ok else None
+    if measured:
+        return measured[-1], ""
+    return None, out.why or f"no JSON from the worker: {_last_line(out.stdout)}"
+
+
+def _decode_speed(checker: _Checker, step: str, bundle: Path, backend: str) -> tuple[float | None, str]:
+    row, why = _worker_row(checker, step, bundle, backend)
+    return (float(row["decode_tokens_per_s"]), "") if row else (None, why)
+
+
+def _measure_graphs(checker: _Checker, row: Row, inplace: Path) -> None:
+    """The in-place bundle's decode speed on a TensorRT flavour, its decode step's CUDA graph off, then on.
+    An extra measurement: what stops it goes in its cell, not the row's verdict (the GPU tests check graphs)."""
+    speeds = {}
+    for setting, value in (("off", "0"), ("on", "1")):
+        measured, why = _worker_row(checker, f"5. {row.backend}: in-place decode tok/s, CUDA graph {setting}", inplace,
+                                    row.backend, env={CUDA_GRAPHS_ENV: value})
+        if measured is None:
+            row.graph_note = f"graph {setting} not measured: {why}"
+            return
+        speeds[setting] = float(measured["decode_tokens_per_s"])
+        if setting == "on":
+            row.graph_note = f"on: {measured.get('decode_graphs', 'not reported')}"
+    row.graph_decode_tokens_per_s = speeds
 
 
 def _measure(checker: _Checker, row: Row, tiny: Path | None, shapes: Path | None, image: Path, scenes: int) -> None:
@@ -371,14 +424,9 @@ def _measure(checker: _Checker, row: Row, tiny: Path | None, shapes: Path | None
                             "detection_precision", "detection_recall", "segmentation_miou")}
         else:
             failures.append(f"eval: {out.why}")
-        out = checker.command(f"5. {name}: decode tok/s (worker, shapes)", [
-            "-m", "paligemma_edge.benchmarks.worker", "runtime", str(shapes), "--backend", name, "--runs", "2",
-            "--new-tokens", "32"], cap=180)
-        measured = _json_lines(out.stdout) if out.ok else None
-        if measured:
-            row.decode_tokens_per_s = float(measured[-1]["decode_tokens_per_s"])
-        else:
-            failures.append(f"tok/s: {out.why or f'no JSON from the worker: {_last_line(out.stdout)}'}")
+        row.decode_tokens_per_s, why = _decode_speed(checker, f"5. {name}: decode tok/s (worker, shapes)", shapes, name)
+        if row.decode_tokens_per_s is None:
+            failures.append(f"tok/s: {why}")
     row.ran = row.tokens is not None or row.accuracy is not None or row.decode_tokens_per_s is not None
     row.why = "; ".join(failures)
 
@@ -439,18 +487,19 @@ def run_check(workdir: Path, scenes: int = 20, budget_s: float = 450.0, tiny_bun
     scene_image().save(image)
     tiny = _bundle(checker, "tiny", tiny_bundle, _tiny_commands)
     shapes = _bundle(checker, "shapes", shapes_bundle, _shapes_commands)
+    inplace = _bundle(checker, "shapes-inplace", None, _inplace_commands) if gpu and machine.flavours else None
 
-    built: dict[str, bool] = {}  # flavour -> engines built for every bundle
+    built: dict[str, bool] = {}  # flavour -> engines built for the tiny and shapes bundles
+    inplace_built: dict[str, bool] = {}  # flavour -> engines built for the in-place shapes bundle
     for flavour in machine.flavours:
-        built[flavour] = True
-        for bundle, batch in ((tiny, 3), (shapes, 1)):
+        for bundle, batch, done in ((tiny, 3, built), (shapes, 1, built), (inplace, 1, inplace_built)):
             if bundle is None:
-                built[flavour] = False
+                done[flavour] = False
                 continue
             out = checker.command(f"3. build-engines {bundle.name} --backend {flavour}", [
                 "-m", "paligemma_edge", "build-engines", str(bundle), "--backend", flavour,
                 "--max-batch", str(batch)], cap=300)
-            built[flavour] = built[flavour] and out.ok
+            done[flavour] = done.get(flavour, True) and out.ok
 
     if tests is not None:
         wait = max(checker.left() - MEASURE_RESERVE_S, 1.0)
@@ -481,6 +530,8 @@ def run_check(workdir: Path, scenes: int = 20, budget_s: float = 450.0, tiny_bun
             row.why = "build-engines failed (see the steps)"
         else:
             _measure(checker, row, tiny, shapes, image, scenes)
+            if inplace is not None and inplace_built.get(probe.name):
+                _measure_graphs(checker, row, inplace)
     reference = report.rows[0]
     reference.passed = reference.ran and not reference.why
     for row in report.rows[1:]:

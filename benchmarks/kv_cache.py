@@ -1,15 +1,19 @@
 """Growing against in-place KV cache, with and without attention in chunks, at 224, 448 and 896 px (issue 18).
 
     python -m paligemma_edge.benchmarks.kv_cache [--model mid] [--sizes 224,448,896] [--precision int8]
-        [--runs 2] [--new-tokens 32] [--workdir build/bench-kv] [--out benchmarks/results/kv_cache]
+        [--variants growing-unchunked,growing,inplace-unchunked,inplace] [--runs 2] [--new-tokens 32]
+        [--workdir build/bench-kv] [--out benchmarks/results/kv_cache]
 
 Four bundles per size, from ``export --kv-cache growing|inplace`` with ``--attention-chunk 0`` (every
 layer's attention scores at once, as before issue 18) or its default (query chunks). The growing cache
 without chunks is the baseline the ratios are taken against. For each size the preset (``mid`` -> ``mid``,
 ``mid-448``, ``mid-896``) is built once, exported as each variant and quantized to the precision; then
 each bundle is measured by the benchmarks' worker in a process of its own (so its peak RSS is its own),
-the sizes one after the other, the variants of a size back to back. Writes OUT.json and OUT.md (per size
-and variant: vision / prefill / TTFT ms, decode tok/s, peak RSS MB, and the ratios to the baseline).
+the sizes one after the other, the variants of a size back to back. ``--variants`` measures some of them
+(the baseline always among them: a 3B model's four exports take hours here). Writes OUT.json and OUT.md
+(per size and variant: vision / prefill / TTFT ms, decode tok/s, peak RSS MB, and the ratios to the
+baseline). Bundles in ``--workdir`` are reused when their precision and cache kind match: delete them
+after changing the export.
 """
 
 from __future__ import annotations
@@ -58,11 +62,23 @@ def _ready(bundle: Path, precision: str, kind: str) -> bool:
     return manifest.precision == precision and manifest.decoder.kv_cache == kind
 
 
-def prepare(preset: str, precision: str, workdir: Path, log) -> dict[Variant, Path]:
+def chosen_variants(names: str) -> tuple[Variant, ...]:
+    """The variants named in ``names`` (comma-separated), in VARIANTS' order; the baseline must be one."""
+    by_name = {variant.name: variant for variant in VARIANTS}
+    wanted = [name.strip() for name in names.split(",") if name.strip()]
+    unknown = [name for name in wanted if name not in by_name]
+    if unknown:
+        raise ValueError(f"unknown variant {', '.join(unknown)} (choose from {', '.join(by_name)})")
+    if BEFORE.name not in wanted:
+        raise ValueError(f"--variants must include {BEFORE.name}, the baseline of the ratios")
+    return tuple(variant for variant in VARIANTS if variant.name in wanted)
+
+
+def prepare(preset: str, precision: str, variants: tuple[Variant, ...], workdir: Path, log) -> dict[Variant, Path]:
     """One bundle per variant at ``precision`` (kept in ``workdir`` and reused)."""
     checkpoint = build_model(preset, workdir)
     bundles = {}
-    for variant in VARIANTS:
+    for variant in variants:
         fp32 = workdir / f"{preset}-fp32-{variant.name}"
         target = fp32 if precision == "fp32" else workdir / f"{preset}-{precision}-{variant.name}"
         if not _ready(fp32, "fp32", variant.kv_cache):
@@ -101,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="mid", choices=[n for n, m in MODELS.items() if m.spec.image_size == 224])
     parser.add_argument("--sizes", default="224,448,896")
     parser.add_argument("--precision", default="int8", choices=("fp32", "fp16", "int8", "int4"))
+    parser.add_argument("--variants", default=",".join(variant.name for variant in VARIANTS))
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int)
@@ -112,10 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - started:7.1f}s] {message}", file=sys.stderr, flush=True)
 
+    try:
+        variants = chosen_variants(args.variants)
+    except ValueError as error:
+        parser.error(str(error))
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     sizes = [int(s) for s in args.sizes.split(",")]
-    prepared = {size: prepare(_preset(args.model, size), args.precision, workdir, log) for size in sizes}
+    prepared = {size: prepare(_preset(args.model, size), args.precision, variants, workdir, log) for size in sizes}
     threads = args.threads or os.cpu_count() or 1
     rows, ratios = [], {}
     for size, bundles in prepared.items():

@@ -32,7 +32,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..export.attention import QUERY_CHUNK  # export --attention-chunk's default
+from ..export.attention import default_query_chunk  # export --attention-chunk's default
 from ..export.bundle import DEFAULT_TEXT_TOKENS
 from ..fixtures.tiny import TinySpec
 from .models import MODELS
@@ -51,6 +51,7 @@ class Budget:
     kv_fp16_mb: float
     activations_mb: float  # with attention in chunks
     activations_unchunked_mb: float
+    query_chunk: int  # the decoder's (export's default for the positions, unless given)
 
 
 def kv_cache_bytes(spec: TinySpec, positions: int, itemsize: int) -> int:
@@ -58,23 +59,25 @@ def kv_cache_bytes(spec: TinySpec, positions: int, itemsize: int) -> int:
     return spec.text_layers * 2 * spec.kv_heads * spec.head_dim * positions * itemsize
 
 
-def budget(spec: TinySpec, size: int, chunk: int = QUERY_CHUNK) -> Budget:
+def budget(spec: TinySpec, size: int, chunk: int | None = None) -> Budget:
+    """``chunk``: query rows per attention chunk in both graphs; None: export's default for each length."""
     tokens = (size // 14) ** 2
     positions = tokens + DEFAULT_TEXT_TOKENS
+    text_chunk, vision_chunk = chunk or default_query_chunk(positions), chunk or default_query_chunk(tokens)
 
     def peak(heads: int, rows: int, intermediate: int, query_chunk: int) -> float:
         scores = 2 * heads * min(query_chunk, rows) * rows  # scores and softmax of one chunk
         mlp = 2 * rows * intermediate  # gate and up projections
         return 4 * max(scores, mlp) / MB
 
-    def activations(query_chunk: int) -> float:
+    def activations(text_rows: int, vision_rows: int) -> float:
         text = spec.text_intermediate or 2 * spec.text_hidden  # TinySpec's defaults
         vision = spec.vision_intermediate or 2 * spec.vision_hidden
-        return max(peak(spec.heads, positions, text, query_chunk), peak(spec.vision_heads, tokens, vision, query_chunk))
+        return max(peak(spec.heads, positions, text, text_rows), peak(spec.vision_heads, tokens, vision, vision_rows))
 
     return Budget(size=size, positions=positions, kv_fp32_mb=kv_cache_bytes(spec, positions, 4) / MB,
-                  kv_fp16_mb=kv_cache_bytes(spec, positions, 2) / MB,
-                  activations_mb=activations(chunk), activations_unchunked_mb=activations(positions))
+                  kv_fp16_mb=kv_cache_bytes(spec, positions, 2) / MB, activations_mb=activations(text_chunk, vision_chunk),
+                  activations_unchunked_mb=activations(positions, tokens), query_chunk=text_chunk)
 
 
 def measured_weights(report: Path) -> dict[str, float]:
@@ -107,8 +110,9 @@ def markdown(model: str, budgets: list[Budget], weights: dict[str, float], facto
     """One row per size and precision: the parts, the total, the total with the growth over 224 px scaled as
     measured on mid (``factors``), and what a module of each size has left of that."""
     at_224 = next(b for b in budgets if b.size == 224)
-    lines = [f"{model}: weights = the measured bundles; KV cache (fp16) and activations (attention in chunks of "
-             f"{QUERY_CHUNK}; unchunked in brackets) computed by benchmarks/memory_budget.py; 'as on mid': the "
+    chunks = ", ".join(f"{b.query_chunk} at {b.size} px" for b in budgets)
+    lines = [f"{model}: weights = the measured bundles; KV cache (fp16) and activations (attention in export's "
+             f"default chunks of query rows: {chunks}; unchunked in brackets) computed by benchmarks/memory_budget.py; 'as on mid': the "
              "growth over 224 px times what mid's measured growth was of its computed one. MB left on each "
              "module's memory is for the OS, the CUDA context, TensorRT's workspace and the program, none counted.",
              "", "| size | precision | positions | weights MB | KV fp16 MB | activations MB | total MB | "

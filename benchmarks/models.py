@@ -21,6 +21,12 @@ _MID = TinySpec(
     sliding_window=4096, vocab_rows=REAL_VOCAB_ROWS, decoder_weight_std=None, real_softcaps=True,
 )
 
+_PALIGEMMA2_3B = TinySpec(
+    family=2, image_size=224, vision_hidden=1152, vision_intermediate=4304, vision_layers=27, vision_heads=16,
+    text_hidden=2304, text_intermediate=9216, text_layers=26, heads=8, kv_heads=4, head_dim=256,
+    sliding_window=4096, vocab_rows=REAL_VOCAB_ROWS, decoder_weight_std=None, real_softcaps=True,
+)
+
 
 @dataclass(frozen=True)
 class BenchModel:
@@ -45,16 +51,9 @@ MODELS = {
             ),
             "PaliGemma 1 3B at 224 px: SigLIP-So400m + Gemma 2B",
         ),
-        BenchModel(
-            "paligemma2-3b-224",
-            TinySpec(
-                family=2, image_size=224, vision_hidden=1152, vision_intermediate=4304, vision_layers=27,
-                vision_heads=16, text_hidden=2304, text_intermediate=9216, text_layers=26, heads=8, kv_heads=4,
-                head_dim=256, sliding_window=4096, vocab_rows=REAL_VOCAB_ROWS, decoder_weight_std=None,
-                real_softcaps=True,
-            ),
-            "PaliGemma 2 3B at 224 px: SigLIP-So400m + Gemma 2 2B",
-        ),
+        BenchModel("paligemma2-3b-224", _PALIGEMMA2_3B, "PaliGemma 2 3B at 224 px: SigLIP-So400m + Gemma 2 2B"),
+        BenchModel("paligemma2-3b-448", replace(_PALIGEMMA2_3B, image_size=448),
+                   "PaliGemma 2 3B at 448 px (1,024 image tokens)"),
     )
 }
 

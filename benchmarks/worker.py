@@ -4,8 +4,9 @@
     python -m paligemma_edge.benchmarks.worker transformers CHECKPOINT [--runs 3] [--new-tokens 32]
 
 Prints one JSON object: vision_ms, prefill_ms, ttft_ms, decode_tokens_per_s (medians after a
-warm-up run), prompt_tokens, new_tokens, peak_rss_mb. End-of-sequence ids are ignored so every
-run decodes exactly --new-tokens tokens.
+warm-up run), prompt_tokens, new_tokens, peak_rss_mb, and on the TensorRT backends decode_graphs
+(whether decode steps ran as a CUDA graph, and whose). End-of-sequence ids are ignored so every run
+decodes exactly --new-tokens tokens.
 """
 
 from __future__ import annotations
@@ -70,10 +71,12 @@ def measure_runtime(bundle: str, backend: str, runs: int, new_tokens: int, threa
                 decode.append(result.timings.decode_tokens_per_s)
         generated = len(result.token_ids)
         prompt_tokens = int(np.sum(batch.valid))
+        graphs = getattr(model.backend, "decode_graphs", None)  # the TensorRT backends: how decode steps ran
     return {
         "vision_ms": statistics.median(vision), "prefill_ms": statistics.median(prefills),
         "ttft_ms": statistics.median(ttfts), "decode_tokens_per_s": statistics.median(decode),
         "prompt_tokens": prompt_tokens, "new_tokens": generated, "peak_rss_mb": peak_rss_mb(),
+        **({"decode_graphs": graphs} if graphs is not None else {}),
     }
 
 

@@ -1,6 +1,6 @@
 """Attention over query chunks, so that only one chunk's scores are alive at a time.
 
-What is decided here: the default chunk (``QUERY_CHUNK`` query rows); how a query length is cut (a
+What is decided here: the default chunk (:func:`default_query_chunk`); how a query length is cut (a
 static Python loop, so the traced graph is a fixed list of Slice -> scores -> softmax -> MatMul
 blocks; the last chunk is open-ended, so no row is dropped whatever the length); the decoder's
 grouped-head attention of one chunk (softcap, bool mask); and the transformers attention function the
@@ -20,8 +20,23 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-# Query rows per chunk. At 512, a 224 px prompt (~266 positions) and every decode step fit in one chunk.
+# The default chunk's most query rows: a 224 px prompt (~266 positions) and every decode step fit in one.
 QUERY_CHUNK = 512
+# A default chunk's query rows x key positions (per head) at most, halving the rows down to MIN_QUERY_CHUNK:
+# about 8 MB of float32 scores per head. 512 rows at 224 and 448 px (up to 3,906 positions), 256 at 896 px
+# (4,096 image tokens; 4,608 decoder positions). Measured on mid int8 at 896 px (a 4,100-position prompt,
+# in-place cache): peak RSS 868 MB with 512 rows in both graphs, 778 MB with 256.
+SCORES_PER_CHUNK = 2_000_000
+MIN_QUERY_CHUNK = 64
+
+
+def default_query_chunk(length: int) -> int:
+    """Query rows per chunk for attention over ``length`` keys: QUERY_CHUNK, halved while a chunk's scores
+    would exceed SCORES_PER_CHUNK (each empty chunk costs a decode step a few nodes, so not smaller)."""
+    chunk = QUERY_CHUNK
+    while chunk > MIN_QUERY_CHUNK and chunk * length > SCORES_PER_CHUNK:
+        chunk //= 2
+    return chunk
 
 
 def chunk_bounds(length: int, chunk: int) -> list[tuple[int, int | None]]:

@@ -43,8 +43,8 @@ class ExportOptions:
     # the decoder's cache: GROWING (opset 18; every backend) or INPLACE (one buffer, opset 24; ONNX Runtime, and
     # TensorRT 10.15+ / TensorRT for RTX 1.7+)
     kv_cache: str = GROWING
-    # query rows per attention chunk in the vision and decoder graphs; None: export/attention.py's QUERY_CHUNK,
-    # 0: no chunks (every score of a layer at once)
+    # query rows per attention chunk in the vision and decoder graphs; None: export/attention.py's
+    # default_query_chunk for each graph's length, 0: no chunks (every score of a layer at once)
     attention_chunk: int | None = None
 
 

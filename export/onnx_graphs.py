@@ -18,7 +18,7 @@ import torch
 from ..runtime.bundle.writer import EXTERNAL_DATA_THRESHOLD
 from ..runtime.errors import PaliGemmaEdgeError, first_line
 from ..runtime.bundle.manifest import WRITE_INDICES, DecoderSpec, GraphSpec, ImageSpec, TensorSpec, past_names, present_names
-from .attention import QUERY_CHUNK
+from .attention import default_query_chunk
 from .cache_ops import INPLACE_OPSET, ONNX_TRANSLATIONS
 from .graphs import DecoderStep, VisionEncoder
 
@@ -171,8 +171,9 @@ def export_graph(
 
 
 def _chunk(attention_chunk: int | None, length: int) -> int:
-    """Query rows per attention chunk: None the default, 0 all ``length`` rows at once."""
-    return QUERY_CHUNK if attention_chunk is None else attention_chunk or length
+    """Query rows per attention chunk over ``length`` keys: None the default for that length, 0 all rows
+    at once."""
+    return default_query_chunk(length) if attention_chunk is None else attention_chunk or length
 
 
 def export_vision(model, image: ImageSpec, path: Path, attention_chunk: int | None = None) -> GraphSpec:

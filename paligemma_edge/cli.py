@@ -479,7 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "TensorRT 10.15+, TensorRT for RTX 1.7+)")
     export.add_argument("--attention-chunk", type=int, metavar="N",
                         help="query rows per attention chunk in the vision and decoder graphs, so a layer holds "
-                             "one chunk's scores at a time (default 512; 0: no chunks, every score of a "
+                             "one chunk's scores at a time (default 512, halved while a chunk would hold "
+                             "over 2M scores per head: 256 at 896 px; 0: no chunks, every score of a "
                              "layer at once)")
     export.set_defaults(handler=_cmd_export)
 

@@ -7,7 +7,11 @@ documents it and the CUDA runtime's part with host memory.
 
 - :class:`EmulatedCuda` replaces ``runtime.cuda.Cuda``: allocations are host byte arrays at made-up
   addresses; every allocation, copy and memset is counted, and whether the backend closed it (freed
-  every buffer and destroyed the stream).
+  every buffer and destroyed the stream). A CUDA graph capture records each engine execution with the
+  shapes and addresses set at that moment and runs nothing; a launch runs the recordings with those,
+  whatever the context holds by then, as a real graph does. A copy or memset while capturing fails
+  (the backend's copies are from pageable host memory, which a capture cannot record), and so does a
+  launch of a graph after :meth:`EmulatedCuda.destroy_graphs`.
 - :class:`EmulatedTensorRT` replaces the ``tensorrt`` module. ``deserialize_cuda_engine`` accepts
   only the engine files a bundle's manifest records (built for real by TensorRT for RTX) and runs
   each with ONNX Runtime on its source graph. An execution context holds its profile, the input
@@ -19,7 +23,9 @@ documents it and the CUDA runtime's part with host memory.
   is the rule, not a mistake: an output the graph's TensorScatter makes from a past input (an
   in-place KV cache, TensorRT's KV-cache update layer) must lie at that past's address with its
   shape, since the layer writes only the new positions into its input's memory; every other
-  overlap, and such an output anywhere else, fails.
+  overlap, and such an output anywhere else, fails. A context records the runtime config it was created
+  with (TensorRT for RTX's CUDA graph strategy: ``graph_strategy``); the graph TensorRT for RTX would
+  capture itself is not modelled, its context runs each step as an ordinary one.
 
 :class:`Faults` makes the emulated GPU misbehave on purpose (memory handed out twice, a profile
 selection that does not take, memory that runs out, memory that holds NaNs until written), to show
@@ -57,6 +63,8 @@ class Faults:
     profiles_ignored: bool = False  # set_optimization_profile_async succeeds and leaves the context on profile 0
     mallocs_before_oom: int | None = None  # cudaMalloc fails (out of memory) after this many allocations
     dirty_memory: bool = False  # cudaMalloc hands out bytes 0xFF (NaN in float16 and float32), not zeros
+    capture_fails: bool = False  # cudaStreamBeginCapture fails (a driver without graph support)
+    not_capturable: bool = False  # IExecutionContext.is_stream_capturable answers False
 
 
 class EmulatedCuda:
@@ -75,6 +83,10 @@ class EmulatedCuda:
         self.uploads: list[tuple[int, int]] = []  # (address, bytes)
         self.downloads: list[tuple[int, int]] = []
         self.zeroed: list[tuple[int, int]] = []
+        self._recording: list | None = None  # while capturing: the executions recorded so far
+        self.graphs: list[list] = []  # each captured graph: its recorded executions
+        self.graphs_destroyed = 0  # graphs destroyed so far (their launches fail)
+        self.launches = 0
 
     def malloc(self, nbytes: int) -> int:
         if self.faults.mallocs_before_oom is not None and self.mallocs >= self.faults.mallocs_before_oom:
@@ -110,16 +122,50 @@ class EmulatedCuda:
             raise EmulationError(f"{nbytes} bytes at {address:#x} overrun its {block.nbytes}-byte allocation")
         return block[offset:offset + nbytes]
 
+    @property
+    def capturing(self) -> bool:
+        return self._recording is not None
+
+    def record(self, execution) -> None:
+        assert self._recording is not None
+        self._recording.append(execution)
+
+    def _not_capturing(self, what: str) -> None:
+        if self.capturing:
+            raise EmulationError(f"a {what} from pageable host memory while the stream is being captured")
+
+    def capture(self, enqueue) -> int:
+        if self.faults.capture_fails:
+            raise CudaError("cudaStreamBeginCapture failed: cudaErrorStreamCaptureUnsupported")
+        self._recording = []
+        try:
+            enqueue()
+            self.graphs.append(self._recording)
+        finally:
+            self._recording = None
+        return len(self.graphs) - 1
+
+    def launch(self, graph: int) -> None:
+        self._not_capturing("graph launch")
+        if graph < self.graphs_destroyed:
+            raise EmulationError(f"graph {graph} was launched after it was destroyed")
+        for execution in self.graphs[graph]:
+            execution()
+        self.launches += 1
+
     def upload(self, pointer: int, array: np.ndarray) -> None:
+        self._not_capturing("copy")
         array = np.ascontiguousarray(array)
         self.region(pointer, array.nbytes)[:] = array.reshape(-1).view(np.uint8)
         self.uploads.append((pointer, array.nbytes))
 
     def zero(self, pointer: int, nbytes: int) -> None:
+        self._not_capturing("memset")
         self.region(pointer, nbytes)[:] = 0
         self.zeroed.append((pointer, nbytes))
 
     def download(self, array: np.ndarray, pointer: int) -> np.ndarray:
+        self._not_capturing("copy")
         array.reshape(-1).view(np.uint8)[:] = self.region(pointer, array.nbytes)
         self.downloads.append((pointer, array.nbytes))
         return array
@@ -127,7 +173,11 @@ class EmulatedCuda:
     def synchronize(self) -> None:
         pass
 
+    def destroy_graphs(self) -> None:
+        self.graphs_destroyed = len(self.graphs)
+
     def close(self) -> None:
+        self.destroy_graphs()
         self._memory.clear()
         self._starts.clear()
         self._by_size.clear()
@@ -145,9 +195,20 @@ class _ILogger:
         pass
 
 
+class CudaGraphStrategy:
+    DISABLED = "DISABLED"
+    WHOLE_GRAPH_CAPTURE = "WHOLE_GRAPH_CAPTURE"
+
+
+class _RuntimeConfig:
+    def __init__(self):
+        self.cuda_graph_strategy = CudaGraphStrategy.DISABLED
+
+
 class _Context:
-    def __init__(self, engine: "_EmulatedEngine"):
+    def __init__(self, engine: "_EmulatedEngine", runtime_config: _RuntimeConfig | None = None):
         self.engine = engine
+        self.graph_strategy = (runtime_config or _RuntimeConfig()).cuda_graph_strategy
         self.profile = 0
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.addresses: dict[str, int] = {}
@@ -176,23 +237,36 @@ class _Context:
         self.addresses[name] = int(address)
         return True
 
+    def is_stream_capturable(self, stream: int) -> bool:
+        return not self.engine.cuda.faults.not_capturable
+
     def execute_async_v3(self, stream: int) -> bool:
         engine, cuda = self.engine, self.engine.cuda
-        feeds = {}
         for name in engine.input_names:
             if name not in self.shapes or name not in self.addresses:
                 missing = "a shape" if name not in self.shapes else "an address"
                 raise EmulationError(f"{name}: executed without {missing}")
-            dtype, shape = engine.dtypes[name], self.shapes[name]
+        shapes, addresses = dict(self.shapes), dict(self.addresses)
+        if cuda.capturing:  # recorded with what is set now; runs at each launch
+            cuda.record(lambda: self._run(shapes, addresses))
+        else:
+            self._run(shapes, addresses)
+        return True
+
+    def _run(self, shapes: dict[str, tuple[int, ...]], addresses: dict[str, int]) -> None:
+        engine, cuda = self.engine, self.engine.cuda
+        feeds = {}
+        for name in engine.input_names:
+            dtype, shape = engine.dtypes[name], shapes[name]
             nbytes = int(np.prod(shape)) * dtype.itemsize
-            feeds[name] = cuda.region(self.addresses[name], nbytes).view(dtype).reshape(shape).copy()
+            feeds[name] = cuda.region(addresses[name], nbytes).view(dtype).reshape(shape).copy()
         outputs = engine.session.run(engine.output_names, feeds)
-        used = [(self.addresses[name], feed.nbytes, f"input {name}") for name, feed in feeds.items()]
+        used = [(addresses[name], feed.nbytes, f"input {name}") for name, feed in feeds.items()]
         for name, value in zip(engine.output_names, outputs):
-            if name not in self.addresses:
+            if name not in addresses:
                 raise EmulationError(f"{name}: executed without an address for this output")
             value = np.ascontiguousarray(value, dtype=engine.dtypes[name])
-            start = self.addresses[name]
+            start = addresses[name]
             target = cuda.region(start, value.nbytes)
             cache = engine.in_place.get(name)  # the past input this output is written into, if any
             for other, nbytes, what in used:  # the engine reads inputs while it writes outputs
@@ -200,13 +274,12 @@ class _Context:
                     continue  # the update layer writes its own input, as TensorRT's does (checked below)
                 if nbytes and value.nbytes and start < other + nbytes and other < start + value.nbytes:
                     raise EmulationError(f"output {name} overlaps {what} in device memory")
-            if cache is not None and (self.addresses[cache] != start or self.shapes[cache] != value.shape):
+            if cache is not None and (addresses[cache] != start or shapes[cache] != value.shape):
                 raise EmulationError(f"output {name} of a KV-cache update must be its input {cache}'s memory "
-                                     f"(at {self.addresses[cache]:#x}, {self.shapes[cache]}), not {start:#x}, "
+                                     f"(at {addresses[cache]:#x}, {shapes[cache]}), not {start:#x}, "
                                      f"{value.shape}")
             target[:] = value.reshape(-1).view(np.uint8)
             used.append((start, value.nbytes, f"output {name}"))
-        return True
 
 
 def kv_cache_updates(graph: Path) -> dict[str, str]:
@@ -241,8 +314,11 @@ class _EmulatedEngine:
     def get_tensor_dtype(self, name: str) -> np.dtype:
         return self.dtypes[name]
 
-    def create_execution_context(self) -> _Context:
-        return _Context(self)
+    def create_runtime_config(self) -> _RuntimeConfig:
+        return _RuntimeConfig()
+
+    def create_execution_context(self, runtime_config: _RuntimeConfig | None = None) -> _Context:
+        return _Context(self, runtime_config)
 
 
 class EmulatedTensorRT:
@@ -252,6 +328,7 @@ class EmulatedTensorRT:
     """
 
     ILogger = _ILogger
+    CudaGraphStrategy = CudaGraphStrategy
 
     def __init__(self, bundle: Path, version: str):
         self.__version__ = version

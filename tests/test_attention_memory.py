@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from paligemma_edge.export.attention import QUERY_CHUNK, chunk_bounds
+from paligemma_edge.export.attention import (MIN_QUERY_CHUNK, QUERY_CHUNK, SCORES_PER_CHUNK, chunk_bounds,
+                                              default_query_chunk)
 from paligemma_edge.export.checkpoint import decoder_spec
 from paligemma_edge.export.graphs import DecoderStep, VisionEncoder
 from paligemma_edge.export.onnx_graphs import decoder_io, export_decoder, export_graph, vision_io
@@ -93,6 +94,17 @@ def test_chunk_bounds_cover_every_row():
     assert chunk_bounds(3, 4) == [(0, None)]
     with pytest.raises(ValueError):
         chunk_bounds(8, 0)
+
+
+def test_default_chunk_halves_for_long_sequences_only():
+    """512 query rows while a chunk's scores stay under SCORES_PER_CHUNK: every 224 and 448 px graph (up to
+    1,536 positions) keeps 512; the 896 px ones (4,096 image tokens, 4,608 decoder positions) get 256."""
+    assert [default_query_chunk(n) for n in (1, 768, 1536, 3906)] == [QUERY_CHUNK] * 4
+    assert [default_query_chunk(n) for n in (4096, 4608, 7812)] == [256, 256, 256]
+    assert default_query_chunk(7813) == 128 and default_query_chunk(10**9) == MIN_QUERY_CHUNK
+    for length in (1, 1536, 4608, 100_000):
+        chunk = default_query_chunk(length)
+        assert chunk * length <= SCORES_PER_CHUNK or chunk == MIN_QUERY_CHUNK
 
 
 def test_decoder_module_chunked_equals_plain(model):

@@ -56,18 +56,23 @@ def test_exit_code_and_table_follow_the_rows():
     reference = Row("onnxruntime", ran=True, passed=True, tokens=[[1, 2]], accuracy={"vqa": 1.0, "ocr": 0.5},
                     decode_tokens_per_s=100.0)
     good = Row("tensorrt", ran=True, passed=True, token_match=compare_tokens([[1, 2]], [[1, 2]]),
-               accuracy={"vqa": 1.0, "ocr": 0.25}, answer_agreement=0.9, decode_tokens_per_s=900.0)
+               accuracy={"vqa": 1.0, "ocr": 0.25}, answer_agreement=0.9, decode_tokens_per_s=900.0,
+               graph_decode_tokens_per_s={"off": 800.0, "on": 1000.0}, graph_note="on: captured by the backend")
     absent = Row("onnxruntime-cuda", present=False, why="absent: pip install onnxruntime-gpu")
     assert _report(h200, [reference, good, absent]).exit_code() == 0
     assert _report(None, [reference, good, absent]).exit_code() == 2
+    unmeasured = Row("tensorrt-rtx", ran=True, passed=True, graph_note="graph on not measured: timed out after 180 s")
+    assert _report(h200, [reference, good, unmeasured]).exit_code() == 0  # an extra measurement, not the verdict
+    assert "| tensorrt-rtx | yes | - | - | - | graph on not measured: timed out after 180 s |" in markdown(
+        _report(h200, [reference, unmeasured]))
     bad = Row("tensorrt-rtx", ran=True, why="tokens differ from the CPU's")
     report = _report(h200, [reference, good, absent, bad])
     assert report.exit_code() == 1
     table = markdown(report)
-    assert "| onnxruntime | yes | reference (1 prompts, 2 tokens) | mean 0.750 of 2 metrics, 4 scenes | 100.0 |" in table
+    assert "| onnxruntime | yes | reference (1 prompts, 2 tokens) | mean 0.750 of 2 metrics, 4 scenes | 100.0 | - |" in table
     assert ("| tensorrt | yes | 1/1 prompts identical (2/2 tokens) | mean 0.625 of 2 metrics, 4 scenes; "
-            "worst ocr -0.250; answers 90% = CPU | 900.0 |") in table
-    assert "| onnxruntime-cuda | no: absent: pip install onnxruntime-gpu | - | - | - |" in table
+            "worst ocr -0.250; answers 90% = CPU | 900.0 | 800.0 / 1000.0 (1.25x); on: captured by the backend |") in table
+    assert "| onnxruntime-cuda | no: absent: pip install onnxruntime-gpu | - | - | - | - |" in table
     assert "| tensorrt-rtx | yes, FAILED: tokens differ from the CPU's |" in table
     assert "NVIDIA H200, 143771 MiB, driver 570.1" in table and table.rstrip().endswith("exit 1")
     assert _report(h200, [reference]).exit_code() == 0
@@ -88,7 +93,7 @@ def test_a_spent_budget_says_so_in_every_step(tmp_path):
     assert result.returncode == 2, result.stderr
     assert result.stdout.rstrip().splitlines()[-1] == NO_GPU
     assert "| 2. tiny: checkpoint | 0.0 | not run: time budget spent |" in result.stdout
-    assert "| onnxruntime | no: no tiny bundle; no shapes bundle | - | - | - |" in result.stdout
+    assert "| onnxruntime | no: no tiny bundle; no shapes bundle | - | - | - | - |" in result.stdout
 
 
 @no_gpu_here
@@ -118,5 +123,6 @@ def test_the_cpu_path_runs_for_real_and_exits_2(tmp_path, shapes_bundle):
     assert cpu["tokens"] == [list(ids) for ids in expected] and len(expected) == 3
     steps = {step: outcome for step, _, outcome in report["steps"]}
     assert steps["2. tiny: export"] == "ok" and steps["4. GPU tests"].startswith("not run: no NVIDIA GPU")
+    assert not any("shapes-inplace" in step for step in steps)  # the CUDA graph comparison's bundle: GPU only
     for flavour in report["machine"]["flavours"]:  # TensorRT for RTX builds without a GPU
         assert steps[f"3. build-engines tiny --backend {flavour}"] == "ok"

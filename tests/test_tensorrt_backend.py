@@ -19,6 +19,7 @@ import importlib.util
 import inspect
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -98,13 +99,25 @@ def test_missing_tensorrt_names_what_to_install(bundles, images):
     assert result.returncode == 2 and "tensorrt is not installed" in result.stderr and "JetPack" in result.stderr
 
 
+def _as_tensorrt_engines(bundle: Path) -> None:
+    """Record the bundle's TensorRT for RTX engines as TensorRT's too, so the emulation can play TensorRT
+    (the flavour whose backend captures the decode step itself) with them."""
+    path = bundle / "manifest.json"
+    data = json.loads(path.read_text())
+    for tag, record in list(data["engines"].items()):
+        tag = tag.replace("tensorrt-rtx-", "tensorrt-", 1)
+        data["engines"][tag] = record | {"flavour": "tensorrt", "device": tag}
+    path.write_text(json.dumps(data, indent=2))
+
+
 @pytest.fixture()
 def emulated(tmp_path, monkeypatch, request):
-    """A bundle with real TensorRT for RTX engines (max batch 3, max sequence 48), run by the emulation.
+    """A bundle with real TensorRT for RTX engines (max batch 3, max sequence 48), run by the emulation
+    as the backend of ``flavour`` (default tensorrt-rtx; tensorrt: the same engines, recorded for it).
     Variants: fp32 (in-place cache), growing (fp32), int4-trt-io, segment."""
     import tensorrt_rtx_bindings
 
-    model, variant, profiles = request.param
+    model, variant, profiles, *flavour = request.param
     bundle = tmp_path / "bundle"
     kv_bundle = request.getfixturevalue("kv_bundle")
     if variant == "segment":  # the fp32 bundle with a mask decoder (export's default cache)
@@ -118,6 +131,8 @@ def emulated(tmp_path, monkeypatch, request):
     shutil.copytree(source, bundle)
     run_cli("build-engines", str(bundle), "--backend", "tensorrt-rtx", "--max-batch", "3", "--max-seq-len", "48",
             "--decoder-profiles", str(profiles), check=True)
+    if flavour == ["tensorrt"]:
+        _as_tensorrt_engines(bundle)
     emulation = EmulatedTensorRT(bundle, tensorrt_rtx_bindings.__version__)
     monkeypatch.setattr(trt_backend, "import_tensorrt", lambda flavour: emulation)
     monkeypatch.setattr(trt_backend, "Cuda", emulation.Cuda)
@@ -128,20 +143,27 @@ def _touched_allocations(device, transfers) -> set[int]:
     return {device.allocation(address) for address, _ in transfers}
 
 
+def _flavour(param: tuple) -> str:
+    return param[3] if len(param) > 3 else "tensorrt-rtx"
+
+
 @needs_rtx
-@pytest.mark.parametrize("emulated", [((2, 28), "fp32", 2), ((1, 28), "fp32", 1), ((2, 28), "int4-trt-io", 1),
-                                      ((2, 28), "growing", 2), ((1, 28), "growing", 1)],
-                         indirect=True, ids=lambda p: f"{model_id(p[0])}-{p[1]}-{p[2]}-profiles")
-def test_backend_loop_on_emulated_engines_matches_onnxruntime(emulated, images):
+@pytest.mark.parametrize("emulated", [((2, 28), "fp32", 2, "tensorrt"), ((1, 28), "fp32", 1), ((1, 28), "fp32", 2),
+                                      ((2, 28), "int4-trt-io", 1, "tensorrt"), ((2, 28), "growing", 2),
+                                      ((1, 28), "growing", 1)],
+                         indirect=True, ids=lambda p: f"{model_id(p[0])}-{p[1]}-{p[2]}-profiles-{_flavour(p)}")
+def test_backend_loop_on_emulated_engines_matches_onnxruntime(emulated, images, request):
     """A left-padded batch of three prompts (Gemma 2's longer than its sliding window of 8), both families,
-    both cache kinds, generating past the engines' 48 positions."""
+    both cache kinds, generating past the engines' 48 positions; as TensorRT (which captures an in-place
+    decode step itself) and TensorRT for RTX (whose decode context does)."""
     bundle, emulation = emulated
+    flavour = _flavour(request.node.callspec.params["emulated"])
     options = GenerationOptions(max_new_tokens=64)  # past the engines' 48 positions
     pictures = [*images, Image.open(images[0]).transpose(Image.Transpose.FLIP_LEFT_RIGHT)]  # 4 different ones
     with paligemma_edge.load(bundle) as model:
         reference = model.generate_batch([images[0]], PROMPTS, options)
         pixels = model.encode_images(pictures)
-    with paligemma_edge.load(bundle, backend="tensorrt-rtx") as model:
+    with paligemma_edge.load(bundle, backend=flavour) as model:
         device, engines, manifest = emulation.device, model.backend, model.manifest
         assert device is not None  # the backend made its CUDA memory
         assert isinstance(engines, trt_backend.TensorRTBackend)
@@ -165,6 +187,20 @@ def test_backend_loop_on_emulated_engines_matches_onnxruntime(emulated, images):
         logits_bytes = len(PROMPTS) * manifest.embedding.shape[0] * engines.decoder.dtypes["logits"].itemsize
         steps = max(len(g.token_ids) + (g.finish_reason == "eos") for g in ours)  # one decoder run per step
         assert [n for _, n in device.downloads] == [image_bytes] + [logits_bytes] * steps  # nothing else comes back
+        # TensorRT, in place: the first decode step runs, then is captured once; every later one is a launch
+        captures = in_place and flavour == "tensorrt"
+        assert (len(device.graphs), device.launches) == ((1, steps - 2) if captures else (0, 0))
+        strategies = {profile: context.graph_strategy for profile, context in engines.decoder.contexts.items()}
+        decode_profile = "decode" if "decode" in strategies else next(iter(strategies))
+        if not in_place:
+            assert engines.decode_graphs.startswith("off")
+        elif flavour == "tensorrt":
+            assert engines.decode_graphs == trt_backend.GRAPHS_CAPTURED
+        else:  # TensorRT for RTX runs the decode steps' context as a graph of its own
+            assert engines.decode_graphs == trt_backend.GRAPHS_BUILT_IN
+        built_in = in_place and flavour == "tensorrt-rtx"
+        assert strategies == {profile: "WHOLE_GRAPH_CAPTURE" if built_in and profile == decode_profile else "DISABLED"
+                              for profile in strategies}
         model.feature_cache.clear()
         device.downloads.clear()
         assert np.array_equal(model.encode_images(pictures), pixels)
@@ -291,6 +327,68 @@ def test_an_in_place_cache_starts_zeroed(emulated):
 
 
 @needs_rtx
+@pytest.mark.parametrize("emulated", [((2, 28), "fp32", 2, "tensorrt"), ((1, 28), "fp32", 1, "tensorrt")],
+                         indirect=True, ids=lambda p: f"{model_id(p[0])}-inplace-{p[2]}-profiles")
+def test_decode_graphs_per_batch_size_replay_what_they_captured(emulated, images, monkeypatch):
+    """Generations of 1, 3, then 1 rows: one graph per batch size, captured at its first decode step and
+    launched for every later one, also in a later generation (after a prefill of other shapes ran in the
+    same context with one profile). A launch runs with the addresses and shapes set when it was captured,
+    so the tokens equal ONNX Runtime's only if every step writes its inputs where the capture reads them.
+    The graphs are destroyed with the backend. Graphs off (PALIGEMMA_EDGE_CUDA_GRAPHS=off) give the same
+    tokens with no graph, on TensorRT and on TensorRT for RTX (no graph strategy on its contexts)."""
+    bundle, emulation = emulated
+    options = GenerationOptions(max_new_tokens=10)
+    batches = [PROMPTS[1:2], PROMPTS, PROMPTS[:1]]
+    with paligemma_edge.load(bundle) as model:
+        reference = [[g.token_ids for g in model.generate_batch([images[0]], prompts, options)] for prompts in batches]
+    with paligemma_edge.load(bundle, backend="tensorrt") as model:
+        device = emulation.device
+        assert device is not None
+        ours, launches = [], []
+        for prompts in batches:
+            before = device.launches
+            ours.append([g.token_ids for g in model.generate_batch([images[0]], prompts, options)])
+            launches.append(device.launches - before)
+        assert len(device.graphs) == 2 and all(len(graph) == 1 for graph in device.graphs)
+        assert device.graphs_destroyed == 0
+    assert device.graphs_destroyed == 2 and device.closed
+    assert ours == reference
+    steps = [max(len(ids) for ids in batch) for batch in ours]  # decode steps: every token after the first
+    assert launches == [steps[0] - 2, steps[1] - 2, steps[2] - 1]  # the third reuses the first's graph
+    monkeypatch.setenv(trt_backend.CUDA_GRAPHS_ENV, "off")
+    for flavour in ("tensorrt", "tensorrt-rtx"):
+        with paligemma_edge.load(bundle, backend=flavour) as model:
+            assert isinstance(model.backend, trt_backend.TensorRTBackend)
+            assert model.backend.decode_graphs == f"off ({trt_backend.CUDA_GRAPHS_ENV}=off)"
+            assert {c.graph_strategy for c in model.backend.decoder.contexts.values()} == {"DISABLED"}
+            assert [[g.token_ids for g in model.generate_batch([images[0]], p, options)] for p in batches] == reference
+            assert emulation.device is not None and not emulation.device.graphs and emulation.device.launches == 0
+
+
+@needs_rtx
+@pytest.mark.parametrize("emulated", [((2, 28), "fp32", 2, "tensorrt")], indirect=True,
+                         ids=["pg2-28px-inplace-2-profiles"])
+@pytest.mark.parametrize("fault, why", [
+    ("capture_fails", "the capture failed: cudaStreamBeginCapture failed: cudaErrorStreamCaptureUnsupported"),
+    ("not_capturable", "TensorRT says this engine's decode step cannot be captured on its stream"),
+])
+def test_a_decode_step_that_cannot_be_captured_warns_once_and_runs_uncaptured(emulated, images, fault, why):
+    bundle, emulation = emulated
+    setattr(emulation.faults, fault, True)
+    options = GenerationOptions(max_new_tokens=8)
+    with paligemma_edge.load(bundle) as model:
+        reference = [g.token_ids for g in model.generate_batch([images[0]], PROMPTS, options)]
+    with paligemma_edge.load(bundle, backend="tensorrt") as model:
+        with pytest.warns(RuntimeWarning, match="without a CUDA graph: ") as caught:
+            ours = [[g.token_ids for g in model.generate_batch([images[0]], PROMPTS, options)] for _ in range(2)]
+        assert len(caught) == 1 and isinstance(model.backend, trt_backend.TensorRTBackend)
+        assert str(caught[0].message).endswith(why)
+        assert model.backend.decode_graphs == f"off ({why})"
+        assert emulation.device is not None and not emulation.device.graphs
+    assert ours == [reference, reference]
+
+
+@needs_rtx
 @pytest.mark.parametrize("emulated", [((2, 28), "fp32", 2)], indirect=True, ids=["pg2-28px-inplace-2-profiles"])
 def test_engines_for_the_other_cache_kind_are_refused(emulated):
     bundle, _ = emulated
@@ -355,11 +453,37 @@ def test_every_tensorrt_call_exists_in_the_bindings():
               if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)}
     classes = (trt.Runtime, trt.ICudaEngine, trt.IExecutionContext)
     ours = {"get_tensor_name", "get_tensor_dtype", "deserialize_cuda_engine", "create_execution_context",
-            "set_optimization_profile_async", "set_input_shape", "set_tensor_address", "execute_async_v3"}
+            "set_optimization_profile_async", "set_input_shape", "set_tensor_address", "execute_async_v3",
+            "create_runtime_config"}
     assert ours <= called
     for name in ours:
         assert any(hasattr(cls, name) for cls in classes), name
     assert hasattr(trt.ICudaEngine, "num_io_tensors") and hasattr(trt, "nptype")
+    # the decode context's graph: TensorRT for RTX's strategy, and the capturability the backend asks first
+    assert "runtime_config: tensorrt_rtx_bindings.tensorrt_rtx.IRuntimeConfig" in trt.ICudaEngine.create_execution_context.__doc__
+    assert hasattr(trt.IRuntimeConfig, "cuda_graph_strategy") and hasattr(trt.CudaGraphStrategy, "WHOLE_GRAPH_CAPTURE")
+    assert hasattr(trt.IExecutionContext, "is_stream_capturable")
+
+
+def test_every_cuda_call_exists_in_cuda_python_with_its_arity():
+    """Each CUDA runtime function runtime/backends/cuda.py calls (``self.rt.name(...)``), checked against the
+    installed cuda-python: it exists and takes that many arguments; and the enums it reads exist."""
+    runtime = pytest.importorskip("cuda.bindings.runtime", reason="cuda-python not installed (the gpu extra)")
+    from paligemma_edge.runtime.backends import cuda as cuda_module
+
+    tree = ast.parse(inspect.getsource(cuda_module))
+    calls: dict[str, set[int]] = {}
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, ast.Attribute) and node.func.value.attr == "rt"):
+            calls.setdefault(node.func.attr, set()).add(len(node.args))
+    assert {"cudaStreamBeginCapture", "cudaStreamEndCapture", "cudaGraphInstantiate", "cudaGraphLaunch",
+            "cudaGraphExecDestroy", "cudaMalloc", "cudaMemcpyAsync"} <= set(calls)
+    for name, arities in calls.items():
+        parameters = inspect.signature(getattr(runtime, name)).parameters
+        assert arities == {len(parameters)}, (name, arities, list(parameters))
+    assert runtime.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal is not None
+    assert runtime.cudaMemcpyKind.cudaMemcpyHostToDevice is not None
 
 
 @needs_gpu
@@ -380,13 +504,24 @@ def test_engines_generate_what_onnxruntime_generates(kv_bundle, images, tmp_path
     options = GenerationOptions(max_new_tokens=12)
     with paligemma_edge.load(bundle) as model:
         reference = [r.token_ids for r in model.generate_batch([images[0]], PROMPTS, options)]
+        reference_one = [r.token_ids for r in model.generate_batch([images[0]], PROMPTS[:1], options)]
         pixels = model.encode_images([images[0]])
     with paligemma_edge.load(bundle, backend=FLAVOUR) as model:
         ours = [r.token_ids for r in model.generate_batch([images[0]], PROMPTS, options)]
+        # then one row, then the three again: a graph per batch size, the first one replayed after the other
+        again = [[r.token_ids for r in model.generate_batch([images[0]], prompts, options)]
+                 for prompts in (PROMPTS[:1], PROMPTS)]
         engine_pixels = model.encode_images([images[0]])
+        assert isinstance(model.backend, trt_backend.TensorRTBackend)
+        graphs = model.backend.decode_graphs
+    in_place = read_manifest(bundle).decoder.cache_in_place
+    print(f"{variant}: decode steps' CUDA graphs {graphs}")
+    assert graphs == ((trt_backend.GRAPHS_CAPTURED if FLAVOUR == "tensorrt" else trt_backend.GRAPHS_BUILT_IN)
+                      if in_place else "off (a growing cache changes shape every step)")
+    assert again[1] == ours  # the three rows' graph, replayed after the one row's
     assert np.abs(engine_pixels - pixels).max() <= (1e-3 if variant in sources else 5e-2) * max(1.0, np.abs(pixels).max())
     if variant in sources:
-        assert ours == reference
+        assert ours == reference and again[0] == reference_one
     else:
         agreement = np.mean([a == b for r, o in zip(reference, ours) for a, b in zip(r, o)])
         print(f"{variant}: token agreement with ONNX Runtime {agreement:.2f}")

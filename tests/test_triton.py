@@ -302,7 +302,7 @@ def test_concurrent_clients_are_batched_and_bad_rows_fail_alone(server, images, 
     requests = [_request(image, PROMPT=prompt) for image, prompt in good]
     requests += [_request(junk, PROMPT="caption en"), _request(images[0], TASK="dance")]
     (before, got, after) = client(server, {"kind": "stats"}, {"kind": "concurrent", "requests": requests},
-                                  {"kind": "stats"})
+                                  {"kind": "stats", "grown_by": len(requests)})
     for one, key in zip(got, good):
         _assert_matches(one, answers[key])
     assert got[15]["status"] == "400" and "IMAGE" in got[15]["error"], got[15]
@@ -376,7 +376,7 @@ def test_options_as_request_parameters_let_mixed_clients_batch(server, bundle, i
     for as_parameters in (False, True):
         requests = [_greedy_or_sampled(i, images, as_parameters) for i in range(16)]
         (before, got, after) = client(server, {"kind": "stats"}, {"kind": "concurrent", "requests": requests},
-                                      {"kind": "stats"})
+                                      {"kind": "stats", "grown_by": len(requests)})
         for index, one in enumerate(got):
             _assert_matches(one, answers[images[0], "caption en"] if index % 2 == 0 else sampled)
         assert after["inference_count"] - before["inference_count"] == len(requests)
@@ -403,7 +403,8 @@ def test_concurrent_streams_run_batched_and_each_equals_run_json(server, bundle,
     requests = [request for request, _ in cases] + [_request(images[0], PROMPT="caption en")]
     stats = {"kind": "stats", "model": "stream_model"}
     (before, got, after) = client(server, stats, {"kind": "concurrent_stream", "requests": requests,
-                                                  "cancel_after": {str(len(cases)): 2}}, stats)
+                                                  "cancel_after": {str(len(cases)): 2}},
+                                  stats | {"grown_by": len(requests)})
     for chunks, (_, want) in zip(got, cases):
         *tokens, final = chunks
         assert [t["token_ids"][0] for t in tokens] == want["token_ids"]

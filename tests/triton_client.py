@@ -9,8 +9,10 @@ Steps:
 - ``{"kind": "infer", "requests": [...]}``: one after another over HTTP;
 - ``{"kind": "rows", "request": {...}}``: one request whose values are lists, one item per row;
 - ``{"kind": "concurrent", "requests": [...]}``: one thread (and client) per request, started together;
-- ``{"kind": "stats", "model": "stream_model"}``: the model's (default: the batched one's) inference
-  and execution counts;
+- ``{"kind": "stats", "model": "stream_model", "grown_by": 16}``: the model's (default: the batched
+  one's) inference and execution counts; with ``grown_by``, read again (up to 30 s) until the inference
+  count is that much above the plan's previous stats step: Triton counts an execution's requests when
+  it returns, which can be after the client has its answers;
 - ``{"kind": "stream", "request": {...}}``: gRPC streaming of one request to the stream model; the
   answers are every response in order;
 - ``{"kind": "concurrent_stream", "requests": [...], "cancel_after": {"3": 2}}``: one thread (and
@@ -24,6 +26,7 @@ import json
 import queue
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -143,6 +146,7 @@ def stream(url: str, model: str, request: dict, cancel_after: int | None = None)
 def main() -> None:
     plan = json.load(sys.stdin)
     out: list[object] = []  # one JSON value per step, of the step's own shape
+    previous: dict | None = None  # the counts of the last stats step
     for step in plan["steps"]:
         kind = step["kind"]
         if kind == "infer":
@@ -152,7 +156,16 @@ def main() -> None:
         elif kind == "concurrent":
             out.append(concurrent(plan["http"], plan["model"], step["requests"]))
         elif kind == "stats":
-            out.append(stats(plan["http"], plan[step.get("model", "model")]))
+            model = plan[step.get("model", "model")]
+            counts = stats(plan["http"], model)
+            if "grown_by" in step and previous is not None:
+                deadline = time.monotonic() + 30
+                while counts["inference_count"] < previous["inference_count"] + step["grown_by"] \
+                        and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    counts = stats(plan["http"], model)
+            out.append(counts)
+            previous = counts
         elif kind == "concurrent_stream":
             cancel = {int(k): v for k, v in step.get("cancel_after", {}).items()}
             out.append(concurrent(plan["grpc"], plan["stream_model"], step["requests"],

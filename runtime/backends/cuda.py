@@ -2,11 +2,17 @@
 
 cuda-python 12.6 and later name the module ``cuda.bindings.runtime``; older releases ``cuda.cudart``.
 Every call returns ``(error, *values)``; :func:`_check` turns an error into one readable line.
+
+CUDA graphs: :meth:`Cuda.capture` records what a function puts on the stream (nothing runs) and
+instantiates it; :meth:`Cuda.launch` runs that recording again, with the addresses and shapes it was
+recorded with. The capture mode is thread-local: only this thread's unsafe calls (an allocation in
+the middle of it) break the capture, not another thread's.
 """
 
 from __future__ import annotations
 
 import importlib
+from typing import Any, Callable
 
 import numpy as np
 
@@ -40,6 +46,7 @@ class Cuda:
         self._check(self.rt.cudaSetDevice(0), "cudaSetDevice")
         self.stream = self._check(self.rt.cudaStreamCreate(), "cudaStreamCreate")
         self._allocations: list[int] = []
+        self._graphs: list[Any] = []  # instantiated CUDA graphs (cudaGraphExec_t), destroyed by close()
 
     def _failed(self, error) -> bool:
         return int(error) != int(self.rt.cudaError_t.cudaSuccess)
@@ -75,6 +82,35 @@ class Cuda:
         self.synchronize()
         return array
 
+    def capture(self, enqueue: Callable[[], None]) -> Any:
+        """Record the work ``enqueue`` puts on the stream as a CUDA graph (not run) and instantiate it; the
+        handle for :meth:`launch`. A capture that fails is ended and dropped, and the error propagates."""
+        mode = self.rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+        self._check(self.rt.cudaStreamBeginCapture(self.stream, mode), "cudaStreamBeginCapture")
+        try:
+            enqueue()
+        except BaseException:
+            error, graph = self.rt.cudaStreamEndCapture(self.stream)  # ends the capture; its recording is dropped
+            if not self._failed(error):
+                self.rt.cudaGraphDestroy(graph)
+            self.rt.cudaGetLastError()  # an invalidated capture leaves its error behind: clear it for the next run
+            raise
+        try:
+            graph = self._check(self.rt.cudaStreamEndCapture(self.stream), "cudaStreamEndCapture")
+            try:
+                executable = self._check(self.rt.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+            finally:
+                self.rt.cudaGraphDestroy(graph)  # the executable keeps what it needs
+        except CudaError:
+            self.rt.cudaGetLastError()
+            raise
+        self._graphs.append(executable)
+        return executable
+
+    def launch(self, graph: Any) -> None:
+        """Run a graph from :meth:`capture` on the stream."""
+        self._check(self.rt.cudaGraphLaunch(graph, self.stream), "cudaGraphLaunch")
+
     def synchronize(self) -> None:
         self._check(self.rt.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
 
@@ -82,7 +118,14 @@ class Cuda:
     def stream_handle(self) -> int:
         return int(self.stream)
 
+    def destroy_graphs(self) -> None:
+        """Destroy every graph :meth:`capture` made (before the engines and memory they use go)."""
+        for graph in self._graphs:
+            self.rt.cudaGraphExecDestroy(graph)
+        self._graphs = []
+
     def close(self) -> None:
+        self.destroy_graphs()
         for pointer in self._allocations:
             self.rt.cudaFree(pointer)
         self._allocations = []

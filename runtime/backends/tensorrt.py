@@ -15,9 +15,20 @@ write indices) go up and the last position's logits come back. A decoder engine 
 decode optimization profiles runs in two execution contexts, one per profile; one with a single
 profile in one context.
 
-No CUDA graph is captured yet. An in-place decoder's decode step has the same shapes and addresses
-for a whole generation, which is what a capture needs; the growing one's past grows every step.
-Memory goes through cuda-python, so the device needs no torch.
+An in-place decoder's decode step runs as a CUDA graph: it has the same shapes and addresses for
+every step of every generation of a batch size (the banks and input buffers are the backend's, the
+masks as wide as the banks), and only the contents of its inputs change, which the uploads write
+before each launch. On TensorRT the backend captures it: the first decode step of a batch size runs
+as usual (TensorRT sets itself up for new shapes on an ordinary run; a capture must not allocate),
+then is recorded once, where the context says it can be (``is_stream_capturable``, where TensorRT
+has it); every later one launches the recording, so the GPU gets one launch per token instead of one
+per kernel. TensorRT for RTX allows a stream capture only of engines built to use the application's
+memory alone, and compiles shape-specialized kernels after its first runs of a shape, so there the
+decode context is created with its own whole-graph capture (``IRuntimeConfig.cuda_graph_strategy``),
+which captures once those kernels are in. A growing decoder's past grows every step, so it runs
+without a graph. ``PALIGEMMA_EDGE_CUDA_GRAPHS=0`` (or off, false, no) turns graphs off; a capture that
+fails warns once and the backend runs uncaptured from then on (``decode_graphs`` says which). Memory
+goes through cuda-python, so the device needs no torch.
 
 What is decided here:
 
@@ -32,6 +43,8 @@ What is decided here:
 
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +54,7 @@ import numpy as np
 from .base import BackendBase, SessionHooks, refuse_hooks, released_on_failure
 from .cuda import Cuda, CudaError
 from ..engines.common import CollectingLogger, device_tag, gpu_description, import_tensorrt, select_engines
-from ..errors import BundleError, InputError
+from ..errors import BundleError, InputError, first_line
 from ..bundle.manifest import WRITE_INDICES, EngineSet, EngineSpec, Manifest, past_names, present_names
 from .embedding import HostEmbedding
 
@@ -67,10 +80,21 @@ def max_shapes(spec: EngineSpec) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+CUDA_GRAPHS_ENV = "PALIGEMMA_EDGE_CUDA_GRAPHS"  # "0", "off", "false" or "no": no CUDA graph for the decode step
+GRAPHS_CAPTURED = "captured by the backend"  # decode_graphs: each batch size's after its first decode step
+GRAPHS_BUILT_IN = "TensorRT for RTX's own (whole-graph capture)"
+
+
+def cuda_graphs_wanted() -> bool:
+    return os.environ.get(CUDA_GRAPHS_ENV, "1").strip().lower() not in {"0", "off", "false", "no"}
+
+
 class _Engine:
     """A deserialized engine with an execution context per optimization profile."""
 
-    def __init__(self, trt, runtime, logger: CollectingLogger, path: Path, spec: EngineSpec, cuda: Cuda):
+    def __init__(self, trt, runtime, logger: CollectingLogger, path: Path, spec: EngineSpec, cuda: Cuda,
+                 graph_profile: str | None = None):
+        """``graph_profile``: the profile whose context TensorRT for RTX runs as a CUDA graph of its own."""
         try:
             data = path.read_bytes()
         except OSError as exc:
@@ -86,7 +110,12 @@ class _Engine:
             raise BundleError(f"{path}: engine tensors {names} differ from the manifest's {expected}; rebuild it")
         self.contexts: dict[str, Any] = {}  # profile name -> TensorRT's IExecutionContext
         for index, profile in enumerate(spec.profiles):
-            context = self.engine.create_execution_context()
+            if profile == graph_profile:
+                config = self.engine.create_runtime_config()
+                config.cuda_graph_strategy = trt.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
+                context = self.engine.create_execution_context(runtime_config=config)
+            else:
+                context = self.engine.create_execution_context()
             if len(spec.profiles) > 1 and not context.set_optimization_profile_async(index, cuda.stream_handle):
                 raise BundleError(f"{path}: TensorRT cannot select optimization profile {index} ({profile}): "
                                   f"{logger.last()}; rebuild the engines")
@@ -101,6 +130,7 @@ class _Engine:
 class TensorRTBackend(BackendBase[TensorRTCache]):
     name = "tensorrt"
     flavour = "tensorrt"
+    graphs_built_in = False  # True: the flavour runs the decode context as a CUDA graph itself (TensorRT for RTX)
 
     def __init__(self, bundle_dir: Path, manifest: Manifest, threads: int | None = None,
                  hooks: SessionHooks | None = None):
@@ -113,8 +143,8 @@ class TensorRTBackend(BackendBase[TensorRTCache]):
         with released_on_failure(self):
             self._load(trt, record, Path(bundle_dir), manifest)
 
-    def _engine(self, trt, path: Path, spec: EngineSpec) -> _Engine:
-        engine = _Engine(trt, self._runtime, self._logger, path, spec, self.cuda)
+    def _engine(self, trt, path: Path, spec: EngineSpec, graph_profile: str | None = None) -> _Engine:
+        engine = _Engine(trt, self._runtime, self._logger, path, spec, self.cuda, graph_profile)
         self._engines.append(engine)
         return engine
 
@@ -127,10 +157,15 @@ class TensorRTBackend(BackendBase[TensorRTCache]):
             raise BundleError(f"the {record.device} engines were built for a {record.kv_cache} KV cache and the bundle's "
                               f"decoder keeps an {manifest.decoder.kv_cache} one: run 'paligemma-edge build-engines' again")
         self._in_place = manifest.decoder.cache_in_place
+        self.decode_graphs = self._graphs_setting(trt)
+        self._decode_graphs: dict[int, Any] = {}  # batch rows -> the decode step the backend captured
         self._logger = CollectingLogger(trt)
         self._runtime = trt.Runtime(self._logger.logger)
         self.vision = self._engine(trt, bundle_dir / record.vision.file, record.vision)
-        self.decoder = self._engine(trt, bundle_dir / record.decoder.file, record.decoder)
+        profiles = record.decoder.profiles  # the decode steps' context: its own profile's, or the only one
+        decode_profile = "decode" if "decode" in profiles else next(iter(profiles))
+        self.decoder = self._engine(trt, bundle_dir / record.decoder.file, record.decoder,
+                                    decode_profile if self.decode_graphs == GRAPHS_BUILT_IN else None)
         input_dtypes = {n: d for engine in (self.vision, self.decoder) for n, d in engine.dtypes.items()}
         self.host_embedding = HostEmbedding(bundle_dir, manifest, input_dtypes)
 
@@ -167,6 +202,18 @@ class TensorRTBackend(BackendBase[TensorRTCache]):
                 self._bind(context, name, array.shape, self._buffers[name])
         self.cuda.synchronize()
         self._owner: TensorRTCache | None = None
+
+    def _graphs_setting(self, trt) -> str:
+        """How decode steps run (``decode_graphs``): as a CUDA graph (whose) or not (why)."""
+        if not self._in_place:
+            return "off (a growing cache changes shape every step)"
+        if not cuda_graphs_wanted():
+            return f"off ({CUDA_GRAPHS_ENV}={os.environ[CUDA_GRAPHS_ENV]})"
+        if not self.graphs_built_in:
+            return GRAPHS_CAPTURED
+        if not hasattr(trt, "CudaGraphStrategy"):
+            return f"off (TensorRT for RTX {trt.__version__} has no CUDA graph strategy; 1.2 and later do)"
+        return GRAPHS_BUILT_IN
 
     def _malloc(self, name: str, shape: tuple[int, ...]) -> int:
         engine = self.decoder if name in self.decoder.dtypes else self.vision
@@ -234,13 +281,37 @@ class TensorRTBackend(BackendBase[TensorRTCache]):
             self._bind(context, past_name, (rows, spec.num_kv_heads, slots, spec.head_dim), source[past_name])
             self._bind(context, present_name, None, target[past_name])
         self._bind(context, self._logits_name, None, self._buffers[self._logits_name])
-        self._execute(context, "decoder")
+        if past and self.decode_graphs == GRAPHS_CAPTURED:
+            self._run_captured(context, rows)
+        else:
+            self._execute(context, "decoder")
         logits = np.empty((rows, self._logits_shape[1]), dtype=self.decoder.dtypes[self._logits_name])
         self.cuda.download(logits, self._buffers[self._logits_name])
         cache.length = total
         if not self._in_place:
             cache.bank = 1 - cache.bank
         return logits.astype(np.float32, copy=False)
+
+    def _run_captured(self, context, rows: int) -> None:
+        """A decode step of ``rows`` rows through its CUDA graph, recorded after its first ordinary run."""
+        graph = self._decode_graphs.get(rows)
+        if graph is not None:
+            self.cuda.launch(graph)
+            return
+        self._execute(context, "decoder")
+        self.cuda.synchronize()  # the capture starts on an idle stream
+        capturable = getattr(context, "is_stream_capturable", None)  # not in every TensorRT
+        if capturable is not None and not capturable(self.cuda.stream_handle):
+            self._graphs_off("TensorRT says this engine's decode step cannot be captured on its stream")
+            return
+        try:
+            self._decode_graphs[rows] = self.cuda.capture(lambda: self._execute(context, "decoder (being captured)"))
+        except CudaError as exc:
+            self._graphs_off(f"the capture failed: {first_line(exc)}")
+
+    def _graphs_off(self, why: str) -> None:
+        self.decode_graphs = f"off ({why})"
+        warnings.warn(f"TensorRT decode steps run without a CUDA graph: {why}", RuntimeWarning, stacklevel=3)
 
     def _padded(self, mask: np.ndarray) -> np.ndarray:
         """An in-place decoder's mask [rows, 1, seq, capacity] widened to the engine's cache slots, the added
@@ -265,6 +336,8 @@ class TensorRTBackend(BackendBase[TensorRTCache]):
             raise CudaError(f"TensorRT could not run the {what} engine: {self._logger.last()}")
 
     def release(self) -> None:
+        self.cuda.destroy_graphs()  # before the engines whose kernels they launch
+        self._decode_graphs = {}
         for engine in self._engines:
             engine.release()
         self._engines = []
@@ -276,3 +349,4 @@ class TensorRTRtxBackend(TensorRTBackend):
 
     name = "tensorrt-rtx"
     flavour = "tensorrt-rtx"
+    graphs_built_in = True
