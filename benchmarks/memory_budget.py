@@ -63,11 +63,11 @@ def kv_cache_bytes(spec: TinySpec, positions: int, itemsize: int) -> int:
     return spec.text_layers * 2 * spec.kv_heads * spec.head_dim * positions * itemsize
 
 
-def budget(spec: TinySpec, size: int, chunk: int | None = None) -> Budget:
-    """``chunk``: query rows per attention chunk in both graphs; None: export's default for each length."""
+def budget(spec: TinySpec, size: int) -> Budget:
+    """The counts at ``size``, attention in export's default query chunks for each graph's length."""
     tokens = (size // 14) ** 2
     positions = tokens + DEFAULT_TEXT_TOKENS
-    text_chunk, vision_chunk = chunk or default_query_chunk(positions), chunk or default_query_chunk(tokens)
+    text_chunk, vision_chunk = default_query_chunk(positions), default_query_chunk(tokens)
 
     def peak(heads: int, rows: int, intermediate: int, query_chunk: int) -> float:
         scores = 2 * heads * min(query_chunk, rows) * rows  # scores and softmax of one chunk
@@ -133,6 +133,11 @@ def markdown(model: str, budgets: list[Budget], weights: dict[str, float], facto
     return "\n".join(lines) + "\n"
 
 
+def _chunked(row: dict) -> bool:
+    """Whether a kv_cache row's bundle has attention in chunks (its variant is not an -unchunked one)."""
+    return not row["variant"].endswith("-unchunked")
+
+
 def check(report: dict, spec: TinySpec) -> str:
     """Measured peak RSS growth over 224 px (kv_cache benchmark rows) against the computed growth."""
     lines = [f"{report['model']}, measured by benchmarks.kv_cache against this count:", "",
@@ -142,7 +147,7 @@ def check(report: dict, spec: TinySpec) -> str:
     base = {row["variant"]: row for row in rows if row["size"] == 224}
     at_224 = budget(spec, 224)
     for row in rows:
-        grown = _grown(budget(spec, row["size"]), at_224, chunked=not row["variant"].endswith("-unchunked"))
+        grown = _grown(budget(spec, row["size"]), at_224, chunked=_chunked(row))
         measured = row["peak_rss_mb"] - base[row["variant"]]["peak_rss_mb"]
         lines.append(f"| {row['size']} px | {row['variant']} | {row['peak_rss_mb']:,.0f} | {measured:,.0f} | {grown:,.0f} |")
     return "\n".join(lines) + "\n"
@@ -156,7 +161,7 @@ def check_whole(report: dict, spec: TinySpec, weight_mb: float) -> str:
              "|---|---|---|---|---|"]
     for row in report["rows"]:
         b = budget(spec, row["size"])
-        acts = b.activations_unchunked_mb if row["variant"].endswith("-unchunked") else b.activations_mb
+        acts = b.activations_mb if _chunked(row) else b.activations_unchunked_mb
         computed = weight_mb + b.kv_fp32_mb + acts
         lines.append(f"| {row['size']} px | {row['variant']} | {row['peak_rss_mb']:,.0f} | {computed:,.0f} | "
                      f"{row['peak_rss_mb'] - computed:,.0f} |")
